@@ -1,0 +1,5 @@
+import sys
+
+from asympo.cli import main
+
+sys.exit(main())

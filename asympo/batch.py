@@ -1,0 +1,71 @@
+"""Turn rewarded samples into padded training tensors with group-relative advantages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from asympo.advantages import group_advantages
+from asympo.rollout.base import Sample
+
+
+@dataclass
+class TrainBatch:
+    """Right-padded prompt+response sequences. Token tensors are in shifted space: column t scores token t+1."""
+
+    input_ids: torch.Tensor  # [B, L]
+    attention_mask: torch.Tensor  # [B, L]
+    response_mask: torch.Tensor  # [B, L-1] bool: True where the scored token is a response token
+    advantages: torch.Tensor  # [B]
+    rewards: torch.Tensor  # [B]
+    group_ids: torch.Tensor  # [B]
+    versions: torch.Tensor  # [B] policy version that generated each response
+    behaviour_logprobs: torch.Tensor | None  # [B, L-1], zeros outside the response
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, rows: torch.Tensor) -> TrainBatch:
+        pick = lambda t: None if t is None else t[rows]  # noqa: E731
+        return TrainBatch(*(pick(getattr(self, f)) for f in self.__dataclass_fields__))
+
+
+def make_batch(samples: list[Sample], pad_id: int, advantage: str) -> TrainBatch:
+    width = max(len(s.prompt_ids) + len(s.response_ids) for s in samples)
+    rows = len(samples)
+    input_ids = torch.full((rows, width), pad_id, dtype=torch.long)
+    attention = torch.zeros(rows, width, dtype=torch.long)
+    response_mask = torch.zeros(rows, width - 1, dtype=torch.bool)
+    has_behaviour = all(s.behaviour_logprobs is not None for s in samples)
+    behaviour = torch.zeros(rows, width - 1) if has_behaviour else None
+    for i, s in enumerate(samples):
+        p, r = len(s.prompt_ids), len(s.response_ids)
+        input_ids[i, : p + r] = torch.tensor(s.prompt_ids + s.response_ids)
+        attention[i, : p + r] = 1
+        response_mask[i, p - 1 : p - 1 + r] = True
+        if behaviour is not None:
+            behaviour[i, p - 1 : p - 1 + r] = torch.tensor(s.behaviour_logprobs)
+    rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32)
+    group_ids = torch.tensor([s.group for s in samples])
+    return TrainBatch(
+        input_ids=input_ids,
+        attention_mask=attention,
+        response_mask=response_mask,
+        advantages=group_advantages(rewards, group_ids, advantage),
+        rewards=rewards,
+        group_ids=group_ids,
+        versions=torch.tensor([s.version for s in samples]),
+        behaviour_logprobs=behaviour,
+    )
+
+
+def micro_batches(batch: TrainBatch, size: int) -> list[TrainBatch]:
+    """Split into micro-batches of about `size` responses without ever splitting a group."""
+    chunks: list[list[int]] = [[]]
+    for gid in batch.group_ids.unique(sorted=True).tolist():
+        rows = (batch.group_ids == gid).nonzero()[:, 0].tolist()
+        if chunks[-1] and len(chunks[-1]) + len(rows) > size:
+            chunks.append([])
+        chunks[-1].extend(rows)
+    return [batch.select(torch.tensor(c)) for c in chunks]

@@ -1,0 +1,65 @@
+"""Command line: `asympo train|sft|eval [--config FILE] [key=value ...]`.
+
+Bad input of any kind (config, data, files) ends with one line on stderr and exit code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from asympo.errors import UserError
+
+COMMANDS = {
+    "train": "run RL post-training (default: tiny model, built-in task, asympo at lag 2)",
+    "sft": "warm-start the tiny model by supervised fine-tuning on the built-in task",
+    "eval": "held-out greedy accuracy, pass@1 and pass@k of a model",
+}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="asympo", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--config", "-c", help="YAML config file")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=3e-4")
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> None:
+    from transformers.utils import logging as hf_logging
+
+    from asympo.config import EvalConfig, SFTConfig, TrainConfig, build_config
+
+    hf_logging.disable_progress_bar()
+    if args.command == "train":
+        from asympo.train import train
+
+        train(build_config(TrainConfig, args.config, args.overrides))
+    elif args.command == "sft":
+        from asympo.sft import run_sft
+
+        run_sft(build_config(SFTConfig, args.config, args.overrides))
+    elif args.command == "eval":
+        from asympo.eval_cli import run_eval
+
+        print(json.dumps(run_eval(build_config(EvalConfig, args.config, args.overrides)), indent=2))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        run(args)
+    except UserError as e:
+        print(f"asympo: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("asympo: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Typed configuration: pydantic models, YAML files and `key=value` overrides.
+
+An override key is a dotted path (`optim.lr=3e-4`) or, when unambiguous, just the leaf name (`lr=3e-4`).
+Every problem (unknown key, wrong type, bad value, unreadable file) becomes a UserError naming it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from asympo.data.tasks import TaskConfig
+from asympo.errors import UserError
+from asympo.models.tiny import TinyModelConfig
+from asympo.objectives.common import ObjectiveConfig
+from asympo.rollout.base import SamplingConfig
+
+Cfg = TypeVar("Cfg", bound=BaseModel)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RolloutConfig(SamplingConfig):
+    prompts_per_step: int = Field(16, ge=1)
+    group_size: int = Field(8, ge=2)
+
+
+class OptimConfig(Strict):
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.99, ge=0, lt=1)
+    grad_clip: float = Field(1.0, gt=0)  # the same for every objective, so comparisons stay fair
+    micro_batch_size: int = Field(128, ge=1)  # responses per forward/backward; groups are never split
+
+
+class RuntimeConfig(Strict):
+    mode: Literal["sync", "lag"] = "lag"  # `async` arrives with the async runtime
+    lag: int = Field(2, ge=0)  # lag mode: rollouts use the weights of exactly this many versions ago
+
+
+class TrainConfig(Strict):
+    model: str = "tiny"  # "tiny" (the built-in warm start), "tiny-random", or a local transformers folder
+    task: TaskConfig = TaskConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    objective: ObjectiveConfig = ObjectiveConfig()
+    optim: OptimConfig = OptimConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    steps: int = Field(150, ge=0)
+    seed: int = 0
+    eval_every: int = Field(50, ge=0)  # 0: only before and after
+    out: str = "runs/train"
+    tensorboard: bool = False
+    progress: bool = True
+
+
+class SFTConfig(Strict):
+    """Supervised warm start of the tiny model on the built-in task, so that RL has signal."""
+
+    model: TinyModelConfig = TinyModelConfig()
+    task: TaskConfig = TaskConfig()
+    steps: int = Field(2200, ge=1)  # lands the default tiny model at ~34% held-out accuracy
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    warmup: int = Field(100, ge=0)
+    seed: int = 0
+    eval_size: int = Field(200, ge=1)
+    out: str = "runs/tiny-sft"
+    progress: bool = True
+
+
+class EvalConfig(Strict):
+    model: str = "tiny"
+    task: TaskConfig = TaskConfig()
+    k: int = Field(8, ge=1)  # samples per problem for pass@k / sampled pass@1
+    temperature: float = Field(1.0, gt=0)
+    max_new_tokens: int = Field(8, ge=1)
+    seed: int = 0
+    json_out: str | None = None
+    progress: bool = True
+
+
+def _leaf_paths(model: type[BaseModel], prefix: str = "") -> dict[str, list[str]]:
+    """Map each field's leaf name to every dotted path that ends in it."""
+    out: dict[str, list[str]] = {}
+    for name, field in model.model_fields.items():
+        path = prefix + name
+        out.setdefault(name, []).append(path)
+        sub = field.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            for leaf, paths in _leaf_paths(sub, path + ".").items():
+                out.setdefault(leaf, []).extend(paths)
+    return out
+
+
+def _resolve_key(model: type[BaseModel], key: str) -> list[str]:
+    if "." in key or key in model.model_fields:
+        return key.split(".")
+    paths = _leaf_paths(model).get(key, [])
+    if len(paths) == 1:
+        return paths[0].split(".")
+    if not paths:
+        raise UserError(f"unknown config key '{key}'")
+    raise UserError(f"config key '{key}' is ambiguous: use one of {', '.join(sorted(paths))}")
+
+
+def _is_named_section(model: type[BaseModel], path: list[str]) -> bool:
+    for part in path:
+        field = model.model_fields.get(part) if isinstance(model, type) else None
+        model = field.annotation if field else None
+    return isinstance(model, type) and issubclass(model, BaseModel) and "name" in model.model_fields
+
+
+def apply_override(data: dict[str, Any], model: type[BaseModel], item: str) -> None:
+    if "=" not in item:
+        raise UserError(f"override '{item}' is not of the form key=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    path = _resolve_key(model, key.strip())
+    if _is_named_section(model, path) and isinstance(value, str):
+        path = [*path, "name"]  # `objective=spo` is short for `objective.name=spo`
+    *parents, leaf = path
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UserError(f"config key '{key}': '{part}' is not a section")
+    node[leaf] = value
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read config file {path}: {e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"malformed YAML in {path}{where}: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping of keys to values")
+    return data
+
+
+def format_validation_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "config"
+    msg = "unknown config key" if first["type"] == "extra_forbidden" else first["msg"]
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"config {where}: {msg} (got {first.get('input')!r}){more}"
+
+
+def build_config(model: type[Cfg], path: str | Path | None = None, overrides: list[str] = ()) -> Cfg:
+    data = load_yaml(path) if path else {}
+    for item in overrides:
+        apply_override(data, model, item)
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise UserError(format_validation_error(e)) from None

@@ -1,0 +1,108 @@
+"""The learner: current-policy log-probs, the objective, one optimiser step, versioned weights."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from transformers import PreTrainedModel
+
+from asympo.batch import TrainBatch, micro_batches
+from asympo.config import OptimConfig
+from asympo.objectives import compute_loss, get_objective
+from asympo.objectives.common import LossInputs, ObjectiveConfig, masked
+
+SUMMED = ("loss", "loss_pos", "loss_neg")  # contributions are normalised over the whole batch: they add up
+
+
+def token_logprobs(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """log pi(token t+1 | tokens <= t) for every position: [B, L-1]."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    if temperature not in (0.0, 1.0):
+        logits = logits / temperature
+    return torch.log_softmax(logits, -1).gather(-1, input_ids[:, 1:, None])[..., 0]
+
+
+def nll_split(nll: torch.Tensor, advantages: torch.Tensor) -> dict[str, float]:
+    """Mean response NLL of positive- and negative-advantage responses: the staleness failure mode's signature."""
+    out = {}
+    for name, rows in (("nll_pos", advantages > 0), ("nll_neg", advantages < 0)):
+        if rows.any():
+            out[name] = nll[rows].mean().item()
+    if "nll_pos" in out and out.get("nll_neg", 0) > 0:
+        out["nll_ratio"] = out["nll_pos"] / out["nll_neg"]
+    return out
+
+
+class Learner:
+    """Owns the trainable policy and its optimiser; `version` counts the optimiser steps taken."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        objective: ObjectiveConfig,
+        optim: OptimConfig,
+        temperature: float = 1.0,
+        max_len: int | None = None,
+    ):
+        self.model = model.train()
+        self.objective = objective
+        self.spec = get_objective(objective.name)
+        self.optim_cfg = optim
+        self.temperature = temperature
+        self.max_len = max_len
+        self.optimizer = torch.optim.AdamW(
+            model.parameters(), lr=optim.lr, betas=(optim.beta1, optim.beta2), weight_decay=optim.weight_decay
+        )
+        self.version = 0
+        self.skipped_steps = 0
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """A detached CPU copy to publish to rollout engines."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+
+    def step(self, batch: TrainBatch) -> dict[str, float]:
+        start = time.perf_counter()
+        total_responses, total_tokens = len(batch), int(batch.response_mask.sum())
+        metrics: dict[str, float] = {}
+        nll, adv = [], []
+        self.optimizer.zero_grad(set_to_none=True)
+        for mb in micro_batches(batch, self.optim_cfg.micro_batch_size):
+            proximal = None
+            if self.spec.needs_proximal:  # AReaL's proximal policy: these weights, before this step's update
+                with torch.no_grad():
+                    proximal = token_logprobs(self.model, mb.input_ids, mb.attention_mask, self.temperature)
+            logprobs = token_logprobs(self.model, mb.input_ids, mb.attention_mask, self.temperature)
+            loss, mb_metrics = compute_loss(
+                LossInputs(
+                    logprobs=logprobs,
+                    mask=mb.response_mask,
+                    advantages=mb.advantages,
+                    group_ids=mb.group_ids,
+                    behaviour_logprobs=mb.behaviour_logprobs,  # current-policy objectives only log the KL
+                    proximal_logprobs=proximal,
+                    total_responses=total_responses,
+                    total_tokens=total_tokens,
+                    max_len=self.max_len,
+                ),
+                self.objective,
+            )
+            loss.backward()
+            weight = len(mb) / total_responses
+            for key, value in mb_metrics.items():
+                metrics[key] = metrics.get(key, 0.0) + (value if key in SUMMED else value * weight)
+            nll.append(-masked(logprobs.detach(), mb.response_mask).sum(-1) / mb.response_mask.sum(-1).clamp(min=1))
+            adv.append(mb.advantages)
+        metrics |= nll_split(torch.cat(nll), torch.cat(adv))  # exact over the batch, not averaged per micro-batch
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim_cfg.grad_clip))
+        if math.isfinite(grad_norm) and math.isfinite(metrics.get("loss", 0.0)):
+            self.optimizer.step()
+            self.version += 1
+        else:  # a NaN/inf step would poison the weights: drop it and keep the previous ones
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+        metrics.update(grad_norm=grad_norm, skipped_steps=self.skipped_steps, learn_time=time.perf_counter() - start)
+        return metrics

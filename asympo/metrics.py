@@ -1,0 +1,86 @@
+"""Observability: a JSONL line per step (always), TensorBoard when asked, a rich progress bar and summary."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from asympo.rollout.base import Sample
+
+console = Console(stderr=True)
+
+
+def rollout_metrics(samples: list[Sample], learner_version: int) -> dict[str, float]:
+    """What the batch looked like: reward, accuracy, lengths, truncation and staleness."""
+    n = len(samples)
+    staleness = Counter(learner_version - s.version for s in samples)
+    lengths = [len(s.response_ids) for s in samples]
+    return {
+        "reward": sum(s.reward for s in samples) / n,
+        "accuracy": sum(s.reward >= 1.0 for s in samples) / n,
+        "response_len": sum(lengths) / n,
+        "response_len_max": max(lengths),
+        "truncated_frac": sum(s.finish_reason == "length" for s in samples) / n,
+        "staleness_mean": sum(k * v for k, v in staleness.items()) / n,
+        "staleness_hist": {str(k): v for k, v in sorted(staleness.items())},
+    }
+
+
+def progress_bar(enabled: bool = True) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not enabled,
+    )
+
+
+class MetricsLog:
+    """Appends one JSON object per step to `metrics.jsonl`; mirrors scalars to TensorBoard if asked."""
+
+    def __init__(self, out: Path, tensorboard: bool = False):
+        self.path = out / "metrics.jsonl"
+        self.file = open(self.path, "a")
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                from asympo.errors import UserError
+
+                raise UserError("tensorboard=true needs the tensorboard package: pip install 'asympo[tensorboard]'")
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+
+    def log(self, step: int, metrics: dict) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+        self.file.write(json.dumps({"step": step, **clean}) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for key, value in metrics.items():
+                if isinstance(value, int | float) and math.isfinite(value):
+                    self.tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def summary_table(title: str, rows: list[tuple[str, str]]) -> Table:
+    table = Table(title=title, show_header=False)
+    table.add_column("metric", style="bold")
+    table.add_column("value", justify="right")
+    for name, value in rows:
+        table.add_row(name, value)
+    return table

@@ -1,0 +1,1 @@
+"""Policy models: the tiny built-in one and anything transformers can load."""

@@ -1,0 +1,149 @@
+"""Behaviour-corrected baselines: they reweight by pi_theta / pi_behav, so they need the engine's log-probs.
+
+At the behaviour policy itself (ratio 1, no clipping) every one of them has the gradient of `pg` under
+its aggregation, which is what the tests pin down; they differ in how they treat off-policy tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from asympo.objectives.common import (
+    LossInputs,
+    ObjectiveConfig,
+    advantages,
+    aggregate,
+    current_logprobs,
+    fixed_logprobs,
+    lengths,
+    token_mean,
+)
+
+
+def _clipped_surrogate(ratio: Tensor, adv: Tensor, low: float, high: float) -> Tensor:
+    """PPO's pessimistic bound -min(r A, clip(r) A): no incentive to move r outside [low, high]."""
+    return -torch.minimum(ratio * adv, ratio.clamp(low, high) * adv)
+
+
+def _clipped(ratio: Tensor, adv: Tensor, low: float, high: float) -> Tensor:
+    """Where the clip removes the gradient: the ratio left the range in the direction A rewards."""
+    return ((ratio > high) & (adv > 0)) | ((ratio < low) & (adv < 0))
+
+
+def _token_ratio(inputs: LossInputs) -> Tensor:
+    """rho_it = pi_theta / pi_behav per token; exactly 1 on padding."""
+    return torch.exp(current_logprobs(inputs) - fixed_logprobs(inputs, "behaviour"))
+
+
+def _ppo(inputs: LossInputs, cfg: ObjectiveConfig, high: float, how: str) -> tuple[Tensor, Tensor]:
+    token_loss = _clipped_surrogate(_token_ratio(inputs), advantages(inputs)[:, None], 1 - cfg.clip_eps, high)
+    return aggregate(token_loss, inputs, cfg.aggregation or how)
+
+
+def grpo(inputs: LossInputs, cfg: ObjectiveConfig) -> tuple[Tensor, Tensor]:
+    """GRPO without KL: token-ratio clipped surrogate, mean over a response's tokens, then over responses."""
+    return _ppo(inputs, cfg, 1 + cfg.clip_eps, "response")
+
+
+def dapo(inputs: LossInputs, cfg: ObjectiveConfig) -> tuple[Tensor, Tensor]:
+    """DAPO: clip-higher (1 - clip_eps, 1 + clip_eps_high) and a token-level mean over the batch."""
+    return _ppo(inputs, cfg, 1 + cfg.clip_eps_high, "token")
+
+
+def dr_grpo(inputs: LossInputs, cfg: ObjectiveConfig) -> tuple[Tensor, Tensor]:
+    """Dr.GRPO: no std in the advantage, and a constant length normaliser (no length bias)."""
+    return _ppo(inputs, cfg, 1 + cfg.clip_eps, "constant")
+
+
+def _sequence_ratio(inputs: LossInputs) -> Tensor:
+    """s_i = (pi_theta(y_i) / pi_behav(y_i)) ** (1 / |y_i|), the length-normalised sequence ratio [B]."""
+    log_ratio = current_logprobs(inputs) - fixed_logprobs(inputs, "behaviour")
+    return torch.exp(log_ratio.sum(-1) / lengths(inputs.mask, log_ratio.dtype))
+
+
+def gspo(inputs: LossInputs, cfg: ObjectiveConfig) -> tuple[Tensor, Tensor]:
+    """GSPO: one clipped ratio per response, so a single odd token cannot veto a whole sequence."""
+    loss = _clipped_surrogate(_sequence_ratio(inputs), advantages(inputs), 1 - cfg.gspo_eps, 1 + cfg.gspo_eps)
+    return aggregate(loss[:, None].expand_as(inputs.logprobs), inputs, cfg.aggregation or "response")
+
+
+def _weighted_logprob(
+    inputs: LossInputs, cfg: ObjectiveConfig, weight: Tensor, how: str
+) -> tuple[Tensor, Tensor]:
+    """REINFORCE with a stop-gradient importance weight: -sg(w) A log pi; no token ever loses its gradient."""
+    token_loss = -weight.detach() * advantages(inputs)[:, None] * current_logprobs(inputs)
+    return aggregate(token_loss, inputs, cfg.aggregation or how)
+
+
+def cispo(inputs: LossInputs, cfg: ObjectiveConfig) -> tuple[Tensor, Tensor]:
+    """CISPO: clip the importance weight (at 1 + clip_eps_high), not the update; token-level mean."""
+    return _weighted_logprob(inputs, cfg, _token_ratio(inputs).clamp(max=1 + cfg.clip_eps_high), "token")
+
+
+def tis(inputs: LossInputs, cfg: ObjectiveConfig) -> tuple[Tensor, Tensor]:
+    """Truncated importance sampling: weight min(rho, tis_cap), per-response mean."""
+    return _weighted_logprob(inputs, cfg, _token_ratio(inputs).clamp(max=cfg.tis_cap), "response")
+
+
+def _decoupled_parts(inputs: LossInputs, cfg: ObjectiveConfig) -> tuple[Tensor, Tensor]:
+    """(r = pi_theta / pi_prox, w = sg(min(pi_prox / pi_behav, cap))), both [B, T]."""
+    proximal = fixed_logprobs(inputs, "proximal")
+    ratio = torch.exp(current_logprobs(inputs) - proximal)
+    weight = torch.exp(proximal - fixed_logprobs(inputs, "behaviour")).clamp(max=cfg.behaviour_weight_cap)
+    return ratio, weight
+
+
+def decoupled_ppo(inputs: LossInputs, cfg: ObjectiveConfig) -> tuple[Tensor, Tensor]:
+    """AReaL's decoupled PPO: trust region around the proximal policy, off-policyness by importance weight."""
+    ratio, weight = _decoupled_parts(inputs, cfg)
+    surrogate = _clipped_surrogate(ratio, advantages(inputs)[:, None], 1 - cfg.clip_eps, 1 + cfg.clip_eps)
+    return aggregate(weight * surrogate, inputs, cfg.aggregation or "response")
+
+
+def _ratio_stats(inputs: LossInputs, ratio: Tensor, clipped: Tensor) -> dict[str, Tensor]:
+    """Token means over response tokens of the ratio and of the clip indicator."""
+    clip_frac = token_mean(clipped.to(ratio.dtype), inputs.mask)
+    return {"ratio_mean": token_mean(ratio, inputs.mask), "clip_frac": clip_frac}
+
+
+def _ppo_diagnostics(inputs: LossInputs, ratio: Tensor, low: float, high: float) -> dict[str, Tensor]:
+    return _ratio_stats(inputs, ratio, _clipped(ratio, advantages(inputs)[:, None], low, high))
+
+
+def grpo_diagnostics(inputs: LossInputs, cfg: ObjectiveConfig) -> dict[str, Tensor]:
+    return _ppo_diagnostics(inputs, _token_ratio(inputs), 1 - cfg.clip_eps, 1 + cfg.clip_eps)
+
+
+dr_grpo_diagnostics = grpo_diagnostics
+
+
+def dapo_diagnostics(inputs: LossInputs, cfg: ObjectiveConfig) -> dict[str, Tensor]:
+    return _ppo_diagnostics(inputs, _token_ratio(inputs), 1 - cfg.clip_eps, 1 + cfg.clip_eps_high)
+
+
+def gspo_diagnostics(inputs: LossInputs, cfg: ObjectiveConfig) -> dict[str, Tensor]:
+    """Per-response: mean sequence ratio and share of responses whose gradient the clip removes."""
+    ratio = _sequence_ratio(inputs)
+    clipped = _clipped(ratio, advantages(inputs), 1 - cfg.gspo_eps, 1 + cfg.gspo_eps)
+    return {"ratio_mean": ratio.mean(), "clip_frac": clipped.to(ratio.dtype).mean()}
+
+
+def _truncation_diagnostics(inputs: LossInputs, cap: float) -> dict[str, Tensor]:
+    ratio = _token_ratio(inputs)
+    return _ratio_stats(inputs, ratio, ratio > cap)
+
+
+def cispo_diagnostics(inputs: LossInputs, cfg: ObjectiveConfig) -> dict[str, Tensor]:
+    return _truncation_diagnostics(inputs, 1 + cfg.clip_eps_high)
+
+
+def tis_diagnostics(inputs: LossInputs, cfg: ObjectiveConfig) -> dict[str, Tensor]:
+    return _truncation_diagnostics(inputs, cfg.tis_cap)
+
+
+def decoupled_ppo_diagnostics(inputs: LossInputs, cfg: ObjectiveConfig) -> dict[str, Tensor]:
+    """Ratio stats of pi_theta / pi_prox, plus the mean capped weight pi_prox / pi_behav."""
+    ratio, weight = _decoupled_parts(inputs, cfg)
+    out = _ppo_diagnostics(inputs, ratio, 1 - cfg.clip_eps, 1 + cfg.clip_eps)
+    return out | {"behaviour_weight_mean": token_mean(weight, inputs.mask)}

@@ -1,0 +1,1 @@
+"""Reward functions: text response + reference answer -> float."""

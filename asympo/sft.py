@@ -1,0 +1,83 @@
+"""`asympo sft`: supervised warm start of the tiny model, so that RL starts with signal.
+
+An untrained model never answers correctly and a fully trained one always does; both give zero
+group-relative advantages. A short SFT lands the tiny model in between (15-60% held-out accuracy).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from asympo.config import SFTConfig
+from asympo.data.tasks import Problem, held_out_problems, train_stream
+from asympo.evaluate import greedy_accuracy
+from asympo.io import atomic_write_text, ensure_writable_dir, save_model_atomic
+from asympo.metrics import console, progress_bar
+from asympo.models.tiny import build_model, build_tokenizer
+from asympo.rollout.hf import HFEngine
+
+
+def sft_batch(problems: list[Problem], tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded `prompt answer <eos>` rows; labels are -100 except on the answer and EOS."""
+    rows, labels = [], []
+    for p in problems:
+        prompt = tokenizer(p.prompt, add_special_tokens=False)["input_ids"]
+        answer = tokenizer(p.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append(prompt + answer)
+        labels.append([-100] * len(prompt) + answer)
+    width = max(map(len, rows))
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+    label_ids = torch.tensor([r + [-100] * (width - len(r)) for r in labels])
+    attention = (torch.arange(width)[None] < torch.tensor([len(r) for r in rows])[:, None]).long()
+    return input_ids, attention, label_ids
+
+
+def lr_at(step: int, cfg: SFTConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def run_sft(cfg: SFTConfig) -> dict:
+    out = ensure_writable_dir(Path(cfg.out).parent) / Path(cfg.out).name
+    random.seed(cfg.seed)
+    tokenizer = build_tokenizer()
+    model = build_model(cfg.model, tokenizer, seed=cfg.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    stream = train_stream(cfg.task, seed=cfg.seed)
+    held_out = held_out_problems(cfg.task.model_copy(update={"test_size": cfg.eval_size}))
+    max_new = cfg.task.digits + 3
+    start, loss_value = time.perf_counter(), float("nan")
+    with progress_bar(cfg.progress) as bar:
+        task = bar.add_task("sft", total=cfg.steps, status="")
+        for step in range(cfg.steps):
+            input_ids, attention, labels = sft_batch([next(stream) for _ in range(cfg.batch_size)], tokenizer)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, cfg)
+            loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            loss_value = 0.9 * loss_value + 0.1 * loss.item() if step else loss.item()
+            bar.update(task, advance=1, status=f"loss {loss_value:.3f}")
+    model.eval()
+    accuracy = greedy_accuracy(HFEngine(model, tokenizer), held_out, max_new)
+    summary = {
+        "held_out_accuracy": accuracy,
+        "final_loss": loss_value,
+        "seconds": round(time.perf_counter() - start, 1),
+        "config": cfg.model_dump(),
+    }
+    save_model_atomic(model, tokenizer, out)
+    atomic_write_text(out / "sft.json", json.dumps(summary, indent=2))
+    console.print(f"sft: held-out greedy accuracy {accuracy:.1%} after {cfg.steps} steps -> {out}")
+    return summary

@@ -1,0 +1,78 @@
+"""`asympo train`: the RL loop. It reads like the data flow: rollouts -> rewards -> advantages -> learner -> weights."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+
+import torch
+
+from asympo.batch import make_batch
+from asympo.config import TrainConfig
+from asympo.data.tasks import held_out_problems, train_stream
+from asympo.evaluate import greedy_accuracy
+from asympo.io import atomic_write_text, ensure_writable_dir, save_model_atomic
+from asympo.learner import Learner
+from asympo.metrics import MetricsLog, console, progress_bar, rollout_metrics, summary_table
+from asympo.models.load import load_policy
+from asympo.objectives import advantage_method
+from asympo.rewards.exact import exact_match
+from asympo.rollout.hf import HFEngine
+from asympo.runtime import LagRuntime, runtime_lag
+
+
+def train(cfg: TrainConfig) -> dict:
+    out = ensure_writable_dir(cfg.out)
+    atomic_write_text(out / "config.json", cfg.model_dump_json(indent=2))
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = load_policy(cfg.model)
+    learner = Learner(model, cfg.objective, cfg.optim, cfg.rollout.temperature or 1.0, cfg.rollout.max_new_tokens)
+    rollout_engine = HFEngine(copy.deepcopy(model), tokenizer)
+    eval_engine = HFEngine(model, tokenizer)  # shares the learner's weights: always the newest version
+    held_out = held_out_problems(cfg.task)
+    runtime = LagRuntime(
+        rollout_engine, train_stream(cfg.task, cfg.seed), exact_match, cfg.rollout,
+        runtime_lag(cfg.runtime.mode, cfg.runtime.lag), cfg.seed,
+    )
+    runtime.publish(learner.version, learner.weights())
+    advantage = advantage_method(cfg.objective)
+    evaluate = lambda: greedy_accuracy(eval_engine, held_out, cfg.rollout.max_new_tokens)  # noqa: E731
+
+    before, start, log = evaluate(), time.perf_counter(), MetricsLog(out, cfg.tensorboard)
+    console.print(f"held-out accuracy before: {before:.1%}  ({cfg.objective.name}, {cfg.runtime.mode} k={runtime.lag})")
+    with progress_bar(cfg.progress) as bar:
+        task = bar.add_task("train", total=cfg.steps, status="")
+        for step in range(cfg.steps):
+            samples, rollout_stats = runtime.next_batch(step)
+            batch = make_batch(samples, tokenizer.pad_token_id, advantage)
+            stats = rollout_metrics(samples, learner.version) | rollout_stats | learner.step(batch)
+            runtime.publish(learner.version, learner.weights())
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+                stats["test_accuracy"] = evaluate()
+            stats.update(version=learner.version, reward_errors=runtime.reward_errors, elapsed=time.perf_counter() - start)
+            log.log(step, stats)
+            bar.update(task, advance=1, status=f"reward {stats['reward']:.2f} loss {stats.get('loss', 0):+.3f}")
+    after = evaluate()
+    log.log(cfg.steps, {"test_accuracy": after, "version": learner.version})
+    log.close()
+    save_model_atomic(model, tokenizer, out / "final")
+    result = {
+        "accuracy_before": before,
+        "accuracy_after": after,
+        "steps": cfg.steps,
+        "version": learner.version,
+        "skipped_steps": learner.skipped_steps,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    atomic_write_text(out / "result.json", json.dumps(result, indent=2))
+    console.print(summary_table(f"asympo train: {cfg.objective.name}", [
+        ("held-out accuracy before", f"{before:.1%}"),
+        ("held-out accuracy after", f"{after:.1%}"),
+        ("change", f"{(after - before) * 100:+.1f} points"),
+        ("optimiser steps", str(learner.version)),
+        ("skipped (non-finite) steps", str(learner.skipped_steps)),
+        ("training time", f"{result['seconds']:.0f} s"),
+        ("output", str(out)),
+    ]))
+    return result

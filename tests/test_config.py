@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import pytest
+from pydantic import BaseModel
+
+from asympo.config import TrainConfig, build_config
+from asympo.errors import UserError
+
+
+def test_defaults_are_the_documented_default_run():
+    cfg = build_config(TrainConfig)
+    assert (cfg.model, cfg.objective.name, cfg.runtime.mode, cfg.runtime.lag) == ("tiny", "asympo", "lag", 2)
+
+
+def test_yaml_then_overrides_dotted_leaf_and_section_shorthand(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("steps: 7\noptim:\n  lr: 0.001\nobjective:\n  name: spo\n")
+    cfg = build_config(TrainConfig, path, ["optim.lr=3e-4", "lag=4", "objective=pg", "spo_c=0.25", "tensorboard=true"])
+    assert cfg.steps == 7
+    assert cfg.optim.lr == pytest.approx(3e-4)
+    assert cfg.runtime.lag == 4
+    assert cfg.objective.name == "pg" and cfg.objective.spo_c == 0.25
+    assert cfg.tensorboard is True
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["nope=1"], "unknown config key 'nope'"),
+        (["optim.nope=1"], "config optim.nope: unknown config key"),
+        (["optim.lr=-1"], "config optim.lr: Input should be greater than 0"),
+        (["steps=many"], "config steps: Input should be a valid integer"),
+        (["runtime.mode=warp"], "config runtime.mode"),
+        (["objective=nonsense"], "nonsense"),
+        (["seedless"], "not of the form key=value"),
+    ],
+)
+def test_bad_values_give_one_line_naming_the_key(overrides, message):
+    with pytest.raises(UserError) as err:
+        build_config(TrainConfig, None, overrides)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+class _Inner(BaseModel):
+    size: int = 1
+
+
+class _Outer(BaseModel):
+    a: _Inner = _Inner()
+    b: _Inner = _Inner()
+
+
+def test_ambiguous_leaf_names_the_candidates():
+    with pytest.raises(UserError, match=r"'size' is ambiguous: use one of a\.size, b\.size"):
+        build_config(_Outer, None, ["size=2"])
+    assert build_config(_Outer, None, ["b.size=2"]).b.size == 2
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("steps: [1,\n", "malformed YAML"), ("- 1\n- 2\n", "must hold a mapping"), ("stepz: 3\n", "stepz")],
+)
+def test_bad_files(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError, match=message):
+        build_config(TrainConfig, path)
+    with pytest.raises(UserError, match="not found"):
+        build_config(TrainConfig, tmp_path / "missing.yaml")
