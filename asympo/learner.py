@@ -57,6 +57,8 @@ class Learner:
         self.optimizer = torch.optim.AdamW(
             model.parameters(), lr=optim.lr, betas=(optim.beta1, optim.beta2), weight_decay=optim.weight_decay
         )
+        warmup = max(optim.warmup_steps, 1)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda n: min(1.0, (n + 1) / warmup))
         self.version = 0
         self.skipped_steps = 0
 
@@ -97,9 +99,11 @@ class Learner:
             nll.append(-masked(logprobs.detach(), mb.response_mask).sum(-1) / mb.response_mask.sum(-1).clamp(min=1))
             adv.append(mb.advantages)
         metrics |= nll_split(torch.cat(nll), torch.cat(adv))  # exact over the batch, not averaged per micro-batch
+        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim_cfg.grad_clip))
         if math.isfinite(grad_norm) and math.isfinite(metrics.get("loss", 0.0)):
             self.optimizer.step()
+            self.scheduler.step()
             self.version += 1
         else:  # a NaN/inf step would poison the weights: drop it and keep the previous ones
             self.optimizer.zero_grad(set_to_none=True)

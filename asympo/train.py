@@ -11,7 +11,7 @@ import torch
 from asympo.batch import make_batch
 from asympo.config import TrainConfig
 from asympo.data.tasks import held_out_problems, train_stream
-from asympo.evaluate import greedy_accuracy
+from asympo.evaluate import held_out_accuracy
 from asympo.io import atomic_write_text, ensure_writable_dir, save_model_atomic
 from asympo.learner import Learner
 from asympo.metrics import MetricsLog, console, progress_bar, rollout_metrics, summary_table
@@ -37,10 +37,13 @@ def train(cfg: TrainConfig) -> dict:
     )
     runtime.publish(learner.version, learner.weights())
     advantage = advantage_method(cfg.objective)
-    evaluate = lambda: greedy_accuracy(eval_engine, held_out, cfg.rollout.max_new_tokens)  # noqa: E731
+    evaluate = lambda: held_out_accuracy(eval_engine, held_out, cfg.eval_samples, cfg.rollout, cfg.seed)  # noqa: E731
 
     before, start, log = evaluate(), time.perf_counter(), MetricsLog(out, cfg.tensorboard)
-    console.print(f"held-out accuracy before: {before:.1%}  ({cfg.objective.name}, {cfg.runtime.mode} k={runtime.lag})")
+    console.print(
+        f"held-out accuracy before: {before['accuracy']:.1%} sampled pass@1, {before['greedy_accuracy']:.1%} greedy"
+        f"  ({cfg.objective.name}, {cfg.runtime.mode} k={runtime.lag})"
+    )
     with progress_bar(cfg.progress) as bar:
         task = bar.add_task("train", total=cfg.steps, status="")
         for step in range(cfg.steps):
@@ -49,17 +52,19 @@ def train(cfg: TrainConfig) -> dict:
             stats = rollout_metrics(samples, learner.version) | rollout_stats | learner.step(batch)
             runtime.publish(learner.version, learner.weights())
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-                stats["test_accuracy"] = evaluate()
+                stats |= {f"test_{k}": v for k, v in evaluate().items()}
             stats.update(version=learner.version, reward_errors=runtime.reward_errors, elapsed=time.perf_counter() - start)
             log.log(step, stats)
             bar.update(task, advance=1, status=f"reward {stats['reward']:.2f} loss {stats.get('loss', 0):+.3f}")
     after = evaluate()
-    log.log(cfg.steps, {"test_accuracy": after, "version": learner.version})
+    log.log(cfg.steps, {f"test_{k}": v for k, v in after.items()} | {"version": learner.version})
     log.close()
     save_model_atomic(model, tokenizer, out / "final")
     result = {
-        "accuracy_before": before,
-        "accuracy_after": after,
+        "accuracy_before": before["accuracy"],
+        "accuracy_after": after["accuracy"],
+        "greedy_accuracy_before": before["greedy_accuracy"],
+        "greedy_accuracy_after": after["greedy_accuracy"],
         "steps": cfg.steps,
         "version": learner.version,
         "skipped_steps": learner.skipped_steps,
@@ -67,12 +72,15 @@ def train(cfg: TrainConfig) -> dict:
     }
     atomic_write_text(out / "result.json", json.dumps(result, indent=2))
     console.print(summary_table(f"asympo train: {cfg.objective.name}", [
-        ("held-out accuracy before", f"{before:.1%}"),
-        ("held-out accuracy after", f"{after:.1%}"),
-        ("change", f"{(after - before) * 100:+.1f} points"),
+        ("held-out accuracy (sampled pass@1)", _change(before["accuracy"], after["accuracy"])),
+        ("held-out greedy accuracy", _change(before["greedy_accuracy"], after["greedy_accuracy"])),
         ("optimiser steps", str(learner.version)),
         ("skipped (non-finite) steps", str(learner.skipped_steps)),
         ("training time", f"{result['seconds']:.0f} s"),
         ("output", str(out)),
     ]))
     return result
+
+
+def _change(before: float, after: float) -> str:
+    return f"{before:.1%} -> {after:.1%} ({(after - before) * 100:+.1f} points)"

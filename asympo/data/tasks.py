@@ -23,7 +23,7 @@ class TaskConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    operands: int = Field(3, ge=2, le=8)
+    operands: int = Field(2, ge=2, le=8)
     digits: int = Field(2, ge=1, le=6)
     ops: str = "+"
     test_size: int = Field(200, ge=1)
