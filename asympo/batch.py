@@ -12,7 +12,7 @@ from asympo.rollout.base import Sample
 
 @dataclass
 class TrainBatch:
-    """Right-padded prompt+response sequences. Token tensors are in shifted space: column t scores token t+1."""
+    """Right-padded prompt+response sequences. Token tensors are shifted: column t scores token t+1."""
 
     input_ids: torch.Tensor  # [B, L]
     attention_mask: torch.Tensor  # [B, L]

@@ -24,7 +24,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--config", "-c", help="YAML config file")
-        p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=3e-4")
+        p.add_argument(
+            "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=3e-4"
+        )
     return parser.parse_args(argv)
 
 

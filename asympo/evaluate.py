@@ -28,18 +28,27 @@ def _correct_counts(
     for i in range(0, len(problems), per_chunk):
         part = problems[i : i + per_chunk]
         groups = engine.generate([p.prompt for p in part], n, sampling, generator)
-        counts += [int(sum(exact_match(s.text, p.answer) for s in g)) for p, g in zip(part, groups, strict=True)]
+        counts += [
+            int(sum(exact_match(s.text, p.answer) for s in g)) for p, g in zip(part, groups, strict=True)
+        ]
     return counts
 
 
-def greedy_accuracy(engine: HFEngine, problems: list[Problem], max_new_tokens: int, chunk: int = 256) -> float:
+def greedy_accuracy(
+    engine: HFEngine, problems: list[Problem], max_new_tokens: int, chunk: int = 256
+) -> float:
     sampling = SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens)
     counts = _correct_counts(engine, problems, 1, sampling, 0, chunk)
     return sum(counts) / len(problems)
 
 
 def sampled_pass_at_k(
-    engine: HFEngine, problems: list[Problem], k: int, sampling: SamplingConfig, seed: int = 0, chunk: int = 256
+    engine: HFEngine,
+    problems: list[Problem],
+    k: int,
+    sampling: SamplingConfig,
+    seed: int = 0,
+    chunk: int = 256,
 ) -> dict[str, float]:
     counts = _correct_counts(engine, problems, k, sampling, seed, chunk)
     return {

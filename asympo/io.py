@@ -33,7 +33,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def save_model_atomic(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path) -> None:
-    """Write the model folder next to its destination, then swap it in, so a crash never leaves half a model."""
+    """Write the model folder next to its destination, then swap it in: a crash never leaves half a model."""
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)

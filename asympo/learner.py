@@ -27,7 +27,7 @@ def token_logprobs(
 
 
 def nll_split(nll: torch.Tensor, advantages: torch.Tensor) -> dict[str, float]:
-    """Mean response NLL of positive- and negative-advantage responses: the staleness failure mode's signature."""
+    """Mean NLL of positive- and negative-advantage responses: the signature of the staleness failure."""
     out = {}
     for name, rows in (("nll_pos", advantages > 0), ("nll_neg", advantages < 0)):
         if rows.any():
@@ -58,7 +58,9 @@ class Learner:
             model.parameters(), lr=optim.lr, betas=(optim.beta1, optim.beta2), weight_decay=optim.weight_decay
         )
         warmup = max(optim.warmup_steps, 1)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda n: min(1.0, (n + 1) / warmup))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda n: min(1.0, (n + 1) / warmup)
+        )
         self.version = 0
         self.skipped_steps = 0
 
@@ -96,9 +98,13 @@ class Learner:
             weight = len(mb) / total_responses
             for key, value in mb_metrics.items():
                 metrics[key] = metrics.get(key, 0.0) + (value if key in SUMMED else value * weight)
-            nll.append(-masked(logprobs.detach(), mb.response_mask).sum(-1) / mb.response_mask.sum(-1).clamp(min=1))
+            nll.append(
+                -masked(logprobs.detach(), mb.response_mask).sum(-1) / mb.response_mask.sum(-1).clamp(min=1)
+            )
             adv.append(mb.advantages)
-        metrics |= nll_split(torch.cat(nll), torch.cat(adv))  # exact over the batch, not averaged per micro-batch
+        metrics |= nll_split(
+            torch.cat(nll), torch.cat(adv)
+        )  # exact over the batch, not averaged per micro-batch
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim_cfg.grad_clip))
         if math.isfinite(grad_norm) and math.isfinite(metrics.get("loss", 0.0)):
@@ -108,5 +114,7 @@ class Learner:
         else:  # a NaN/inf step would poison the weights: drop it and keep the previous ones
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped_steps += 1
-        metrics.update(grad_norm=grad_norm, skipped_steps=self.skipped_steps, learn_time=time.perf_counter() - start)
+        metrics.update(
+            grad_norm=grad_norm, skipped_steps=self.skipped_steps, learn_time=time.perf_counter() - start
+        )
         return metrics

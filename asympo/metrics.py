@@ -8,7 +8,14 @@ from collections import Counter
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from asympo.rollout.base import Sample
@@ -51,7 +58,9 @@ class MetricsLog:
 
     def __init__(self, out: Path, tensorboard: bool = False):
         self.path = out / "metrics.jsonl"
-        self.file = open(self.path, "a")
+        if self.path.exists():  # a new run never mixes its steps into an old file, nor deletes it
+            self.path.rename(out / f"metrics-{int(self.path.stat().st_mtime)}.jsonl")
+        self.file = self.path.open("w")  # noqa: SIM115 - lives as long as the run, closed by close()
         self.tb = None
         if tensorboard:
             try:
@@ -59,11 +68,15 @@ class MetricsLog:
             except ImportError:
                 from asympo.errors import UserError
 
-                raise UserError("tensorboard=true needs the tensorboard package: pip install 'asympo[tensorboard]'")
+                raise UserError(
+                    "tensorboard=true needs the tensorboard package: pip install 'asympo[tensorboard]'"
+                ) from None
             self.tb = SummaryWriter(str(out / "tensorboard"))
 
     def log(self, step: int, metrics: dict) -> None:
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+        clean = {
+            k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()
+        }
         self.file.write(json.dumps({"step": step, **clean}) + "\n")
         self.file.flush()
         if self.tb is not None:
@@ -80,7 +93,7 @@ class MetricsLog:
 def summary_table(title: str, rows: list[tuple[str, str]]) -> Table:
     table = Table(title=title, show_header=False)
     table.add_column("metric", style="bold")
-    table.add_column("value", justify="right")
+    table.add_column("value", justify="right", overflow="fold")
     for name, value in rows:
         table.add_row(name, value)
     return table

@@ -83,7 +83,8 @@ def run_sft(cfg: SFTConfig) -> dict:
     save_model_atomic(model, tokenizer, out)
     atomic_write_text(out / "sft.json", json.dumps(summary, indent=2))
     console.print(
-        f"sft: held-out accuracy {accuracy['accuracy']:.1%} sampled pass@1, {accuracy['greedy_accuracy']:.1%} greedy"
+        f"sft: held-out accuracy {accuracy['accuracy']:.1%} sampled pass@1, "
+        f"{accuracy['greedy_accuracy']:.1%} greedy"
         f" after {cfg.steps} steps -> {out}"
     )
     return summary

@@ -1,4 +1,4 @@
-"""`asympo train`: the RL loop. It reads like the data flow: rollouts -> rewards -> advantages -> learner -> weights."""
+"""`asympo train`: the RL loop, in data-flow order: rollouts, rewards, advantages, learner, weights."""
 
 from __future__ import annotations
 
@@ -27,13 +27,19 @@ def train(cfg: TrainConfig) -> dict:
     atomic_write_text(out / "config.json", cfg.model_dump_json(indent=2))
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_policy(cfg.model)
-    learner = Learner(model, cfg.objective, cfg.optim, cfg.rollout.temperature or 1.0, cfg.rollout.max_new_tokens)
+    learner = Learner(
+        model, cfg.objective, cfg.optim, cfg.rollout.temperature or 1.0, cfg.rollout.max_new_tokens
+    )
     rollout_engine = HFEngine(copy.deepcopy(model), tokenizer)
     eval_engine = HFEngine(model, tokenizer)  # shares the learner's weights: always the newest version
     held_out = held_out_problems(cfg.task)
     runtime = LagRuntime(
-        rollout_engine, train_stream(cfg.task, cfg.seed), exact_match, cfg.rollout,
-        runtime_lag(cfg.runtime.mode, cfg.runtime.lag), cfg.seed,
+        rollout_engine,
+        train_stream(cfg.task, cfg.seed),
+        exact_match,
+        cfg.rollout,
+        runtime_lag(cfg.runtime.mode, cfg.runtime.lag),
+        cfg.seed,
     )
     runtime.publish(learner.version, learner.weights())
     advantage = advantage_method(cfg.objective)
@@ -41,7 +47,8 @@ def train(cfg: TrainConfig) -> dict:
 
     before, start, log = evaluate(), time.perf_counter(), MetricsLog(out, cfg.tensorboard)
     console.print(
-        f"held-out accuracy before: {before['accuracy']:.1%} sampled pass@1, {before['greedy_accuracy']:.1%} greedy"
+        f"held-out accuracy before: {before['accuracy']:.1%} sampled pass@1, "
+        f"{before['greedy_accuracy']:.1%} greedy"
         f"  ({cfg.objective.name}, {cfg.runtime.mode} k={runtime.lag})"
     )
     with progress_bar(cfg.progress) as bar:
@@ -53,9 +60,15 @@ def train(cfg: TrainConfig) -> dict:
             runtime.publish(learner.version, learner.weights())
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
                 stats |= {f"test_{k}": v for k, v in evaluate().items()}
-            stats.update(version=learner.version, reward_errors=runtime.reward_errors, elapsed=time.perf_counter() - start)
+            stats.update(
+                version=learner.version,
+                reward_errors=runtime.reward_errors,
+                elapsed=time.perf_counter() - start,
+            )
             log.log(step, stats)
-            bar.update(task, advance=1, status=f"reward {stats['reward']:.2f} loss {stats.get('loss', 0):+.3f}")
+            bar.update(
+                task, advance=1, status=f"reward {stats['reward']:.2f} loss {stats.get('loss', 0):+.3f}"
+            )
     after = evaluate()
     log.log(cfg.steps, {f"test_{k}": v for k, v in after.items()} | {"version": learner.version})
     log.close()
@@ -71,14 +84,19 @@ def train(cfg: TrainConfig) -> dict:
         "seconds": round(time.perf_counter() - start, 1),
     }
     atomic_write_text(out / "result.json", json.dumps(result, indent=2))
-    console.print(summary_table(f"asympo train: {cfg.objective.name}", [
-        ("held-out accuracy (sampled pass@1)", _change(before["accuracy"], after["accuracy"])),
-        ("held-out greedy accuracy", _change(before["greedy_accuracy"], after["greedy_accuracy"])),
-        ("optimiser steps", str(learner.version)),
-        ("skipped (non-finite) steps", str(learner.skipped_steps)),
-        ("training time", f"{result['seconds']:.0f} s"),
-        ("output", str(out)),
-    ]))
+    console.print(
+        summary_table(
+            f"asympo train: {cfg.objective.name}",
+            [
+                ("held-out accuracy (sampled pass@1)", _change(before["accuracy"], after["accuracy"])),
+                ("held-out greedy accuracy", _change(before["greedy_accuracy"], after["greedy_accuracy"])),
+                ("optimiser steps", str(learner.version)),
+                ("skipped (non-finite) steps", str(learner.skipped_steps)),
+                ("training time", f"{result['seconds']:.0f} s"),
+                ("output", str(out)),
+            ],
+        )
+    )
     return result
 
 

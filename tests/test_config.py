@@ -15,7 +15,9 @@ def test_defaults_are_the_documented_default_run():
 def test_yaml_then_overrides_dotted_leaf_and_section_shorthand(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("steps: 7\noptim:\n  lr: 0.001\nobjective:\n  name: spo\n")
-    cfg = build_config(TrainConfig, path, ["optim.lr=3e-4", "lag=4", "objective=pg", "spo_c=0.25", "tensorboard=true"])
+    cfg = build_config(
+        TrainConfig, path, ["optim.lr=3e-4", "lag=4", "objective=pg", "spo_c=0.25", "tensorboard=true"]
+    )
     assert cfg.steps == 7
     assert cfg.optim.lr == pytest.approx(3e-4)
     assert cfg.runtime.lag == 4

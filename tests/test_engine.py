@@ -12,9 +12,13 @@ def test_greedy_matches_transformers_generate_token_for_token(small_model, token
     for prompt in ["12+34=", "7-3+88=", "1="]:
         ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
         ref = small_model.generate(
-            ids, max_new_tokens=10, do_sample=False, bad_words_ids=banned, eos_token_id=tokenizer.eos_token_id,
+            ids,
+            max_new_tokens=10,
+            do_sample=False,
+            bad_words_ids=banned,
+            eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
-        )[0, ids.shape[1]:].tolist()
+        )[0, ids.shape[1] :].tolist()
         ours = engine.generate_ids([ids[0].tolist()], SamplingConfig(temperature=0, max_new_tokens=10))[0][0]
         assert ours == ref[: len(ours)]
         if tokenizer.eos_token_id in ref:
@@ -31,7 +35,9 @@ def test_batched_left_padding_gives_the_same_greedy_output_as_one_at_a_time(smal
 
 def test_samples_carry_version_reason_and_behaviour_logprobs(small_model, tokenizer):
     engine = HFEngine(small_model, tokenizer, version=7)
-    groups = engine.generate(["12+34=", "5-4="], 3, SamplingConfig(max_new_tokens=5), torch.Generator().manual_seed(0))
+    groups = engine.generate(
+        ["12+34=", "5-4="], 3, SamplingConfig(max_new_tokens=5), torch.Generator().manual_seed(0)
+    )
     assert [len(g) for g in groups] == [3, 3]
     for g, group in enumerate(groups):
         for s in group:
@@ -48,7 +54,9 @@ def test_eos_stops_a_sequence(small_model, tokenizer):
     with torch.no_grad():
         small_model.model.norm.weight.zero_()
     engine = HFEngine(small_model, tokenizer)
-    responses, _, reasons = engine.generate_ids([[5, 6], [7]], SamplingConfig(temperature=0, max_new_tokens=6))
+    responses, _, reasons = engine.generate_ids(
+        [[5, 6], [7]], SamplingConfig(temperature=0, max_new_tokens=6)
+    )
     assert responses == [[tokenizer.eos_token_id]] * 2
     assert reasons == ["stop", "stop"]
 

@@ -15,7 +15,9 @@ from asympo.rollout.hf import HFEngine
 def rollout(model, tokenizer, n_prompts=3, group=4, seed=0):
     engine = HFEngine(copy.deepcopy(model), tokenizer)
     prompts = ["12+34=", "5-4+3=", "77="][:n_prompts]
-    groups = engine.generate(prompts, group, SamplingConfig(max_new_tokens=5), torch.Generator().manual_seed(seed))
+    groups = engine.generate(
+        prompts, group, SamplingConfig(max_new_tokens=5), torch.Generator().manual_seed(seed)
+    )
     samples = [s for g in groups for s in g]
     for i, s in enumerate(samples):
         s.reward = float(i % 3 == 0)  # mixed rewards inside every group

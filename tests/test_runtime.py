@@ -65,8 +65,14 @@ def test_a_raising_reward_gives_zero_and_is_counted(small_model, tokenizer):
         raise RuntimeError("boom")
 
     engine = HFEngine(small_model, tokenizer)
-    runtime = LagRuntime(engine, train_stream(TaskConfig(), 0), broken,
-                         RolloutConfig(prompts_per_step=2, group_size=2, max_new_tokens=2), 0, 0)
+    runtime = LagRuntime(
+        engine,
+        train_stream(TaskConfig(), 0),
+        broken,
+        RolloutConfig(prompts_per_step=2, group_size=2, max_new_tokens=2),
+        0,
+        0,
+    )
     runtime.publish(0, {})
     samples, _ = runtime.next_batch(0)
     assert [s.reward for s in samples] == [0.0] * 4 and runtime.reward_errors == 4

@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 
-from asympo.data.tasks import TaskConfig, is_test, held_out_problems, train_stream
+from asympo.data.tasks import TaskConfig, held_out_problems, is_test, train_stream
 from asympo.errors import UserError
 from asympo.rewards.exact import exact_match
 
@@ -50,7 +50,16 @@ def test_bad_ops_rejected():
         TaskConfig(ops="*")
 
 
-@pytest.mark.parametrize(("text", "answer", "reward"), [("42", "42", 1.0), (" 42 ", "42", 1.0), ("4 2", "42", 0.0),
-                                                          ("-7", "-7", 1.0), ("7", "-7", 0.0), ("", "0", 0.0)])
+@pytest.mark.parametrize(
+    ("text", "answer", "reward"),
+    [
+        ("42", "42", 1.0),
+        (" 42 ", "42", 1.0),
+        ("4 2", "42", 0.0),
+        ("-7", "-7", 1.0),
+        ("7", "-7", 0.0),
+        ("", "0", 0.0),
+    ],
+)
 def test_exact_match(text, answer, reward):
     assert exact_match(text, answer) == reward

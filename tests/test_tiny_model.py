@@ -20,7 +20,10 @@ def test_save_and_reload_with_standard_transformers_calls(tmp_path, small_model,
     tokenizer.save_pretrained(tmp_path)
     model2, tok2 = load_folder(tmp_path)  # AutoModelForCausalLM / from_pretrained underneath
     text = "99-12+3= 90"
-    assert tok2(text, add_special_tokens=False)["input_ids"] == tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert (
+        tok2(text, add_special_tokens=False)["input_ids"]
+        == tokenizer(text, add_special_tokens=False)["input_ids"]
+    )
     assert tok2.decode(tok2(text, add_special_tokens=False)["input_ids"]) == text
     assert (tok2.eos_token_id, tok2.pad_token_id) == (tokenizer.eos_token_id, tokenizer.pad_token_id)
     ids = torch.tensor([tokenizer(text)["input_ids"]])

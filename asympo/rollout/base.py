@@ -19,7 +19,7 @@ class SamplingConfig(BaseModel):
 
 @dataclass
 class Sample:
-    """One response. `behaviour_logprobs` are kept for the behaviour-corrected baselines and diagnostics only."""
+    """One response. `behaviour_logprobs` serve the behaviour-corrected baselines and diagnostics only."""
 
     prompt: str
     prompt_ids: list[int]

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import torch
 import inspect
 
+import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from asympo.rollout.base import Sample, SamplingConfig
@@ -41,7 +41,8 @@ class HFEngine:
         self.eos_id = tokenizer.eos_token_id
         # A barely trained model happily samples special tokens; only EOS may end a response.
         self.banned = [
-            i for i in {tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.unk_token_id}
+            i
+            for i in {tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.unk_token_id}
             if i is not None and i != self.eos_id
         ]
 
@@ -86,8 +87,12 @@ class HFEngine:
         positions = (attention.cumsum(-1) - 1).clamp_min(0)
         cache = DynamicCache()
         out = self.model(
-            input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True,
-            logits_to_keep=1, **{self.cache_kwarg: cache},
+            input_ids=input_ids,
+            attention_mask=attention,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self.cache_kwarg: cache},
         )
         live = torch.arange(batch)  # original row of each live sequence
         next_pos = positions[:, -1] + 1
@@ -100,7 +105,9 @@ class HFEngine:
                 logits[:, self.banned] = float("-inf")
             tokens, token_lp = sample_tokens(logits, sampling, generator)
             done = torch.zeros(len(live), dtype=torch.bool)
-            for k, (row, tok, lp) in enumerate(zip(live.tolist(), tokens.tolist(), token_lp.tolist(), strict=True)):
+            for k, (row, tok, lp) in enumerate(
+                zip(live.tolist(), tokens.tolist(), token_lp.tolist(), strict=True)
+            ):
                 responses[row].append(tok)
                 logprobs[row].append(lp)
                 if tok == self.eos_id:
@@ -114,8 +121,11 @@ class HFEngine:
                 live, tokens, attention, next_pos = live[keep], tokens[keep], attention[keep], next_pos[keep]
             attention = torch.cat([attention, torch.ones(len(live), 1, dtype=attention.dtype)], dim=1)
             out = self.model(
-                input_ids=tokens[:, None], attention_mask=attention, position_ids=next_pos[:, None],
-                use_cache=True, **{self.cache_kwarg: cache},
+                input_ids=tokens[:, None],
+                attention_mask=attention,
+                position_ids=next_pos[:, None],
+                use_cache=True,
+                **{self.cache_kwarg: cache},
             )
             next_pos = next_pos + 1
         return responses, logprobs, reasons
