@@ -54,12 +54,16 @@ def progress_bar(enabled: bool = True) -> Progress:
 
 
 class MetricsLog:
-    """Appends one JSON object per step to `metrics.jsonl`; mirrors scalars to TensorBoard if asked."""
+    """One JSON object per step in `metrics.jsonl` (a previous run's file is kept as `metrics.N.jsonl`);
+    scalars are mirrored to TensorBoard if asked."""
 
     def __init__(self, out: Path, tensorboard: bool = False):
         self.path = out / "metrics.jsonl"
         if self.path.exists():  # a new run never mixes its steps into an old file, nor deletes it
-            self.path.rename(out / f"metrics-{int(self.path.stat().st_mtime)}.jsonl")
+            n = 1
+            while (backup := out / f"metrics.{n}.jsonl").exists():
+                n += 1
+            self.path.rename(backup)
         self.file = self.path.open("w")  # noqa: SIM115 - lives as long as the run, closed by close()
         self.tb = None
         if tensorboard:

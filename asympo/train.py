@@ -66,9 +66,8 @@ def train(cfg: TrainConfig) -> dict:
                 elapsed=time.perf_counter() - start,
             )
             log.log(step, stats)
-            bar.update(
-                task, advance=1, status=f"reward {stats['reward']:.2f} loss {stats.get('loss', 0):+.3f}"
-            )
+            ratio = stats.get("nll_ratio", float("nan"))
+            bar.update(task, advance=1, status=f"reward {stats['reward']:.2f} nll+/- {ratio:.2f}")
     after = evaluate()
     log.log(cfg.steps, {f"test_{k}": v for k, v in after.items()} | {"version": learner.version})
     log.close()
