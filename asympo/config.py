@@ -45,6 +45,14 @@ class RuntimeConfig(Strict):
     lag: int = Field(2, ge=0)  # lag mode: rollouts use the weights of exactly this many versions ago
 
 
+class BehaviourConfig(Strict):
+    """Where behaviour log-probs come from, for the objectives that need them (grpo, dapo, ...)."""
+
+    source: Literal["engine", "learner"] = "engine"  # learner: recomputed from version snapshots
+    snapshots: Literal["memory", "disk"] = "memory"  # where the learner keeps old versions' weights
+    compare: bool = False  # learner: the engine also returns log-probs, and their difference is logged
+
+
 class TrainConfig(Strict):
     model: str = "tiny"  # "tiny" (the built-in warm start), "tiny-random", or a local transformers folder
     task: TaskConfig = TaskConfig()
@@ -52,6 +60,7 @@ class TrainConfig(Strict):
     objective: ObjectiveConfig = ObjectiveConfig()
     optim: OptimConfig = OptimConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    behaviour: BehaviourConfig = BehaviourConfig()
     steps: int = Field(200, ge=0)
     seed: int = 0
     eval_every: int = Field(50, ge=0)  # 0: only before and after

@@ -17,9 +17,11 @@ from asympo.learner import Learner
 from asympo.metrics import MetricsLog, console, progress_bar, rollout_metrics, summary_table
 from asympo.models.load import load_policy
 from asympo.objectives import advantage_method
+from asympo.recompute import BehaviourRecompute
 from asympo.rewards.exact import exact_match
 from asympo.rollout.hf import HFEngine
 from asympo.runtime import LagRuntime, runtime_lag
+from asympo.snapshots import SnapshotStore
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -30,7 +32,10 @@ def train(cfg: TrainConfig) -> dict:
     learner = Learner(
         model, cfg.objective, cfg.optim, cfg.rollout.temperature or 1.0, cfg.rollout.max_new_tokens
     )
-    rollout_engine = HFEngine(copy.deepcopy(model), tokenizer)
+    from_learner = cfg.behaviour.source == "learner"
+    rollout_engine = HFEngine(
+        copy.deepcopy(model), tokenizer, return_logprobs=cfg.behaviour.compare or not from_learner
+    )
     eval_engine = HFEngine(model, tokenizer)  # shares the learner's weights: always the newest version
     held_out = held_out_problems(cfg.task)
     runtime = LagRuntime(
@@ -41,7 +46,10 @@ def train(cfg: TrainConfig) -> dict:
         runtime_lag(cfg.runtime.mode, cfg.runtime.lag),
         cfg.seed,
     )
-    runtime.publish(learner.version, learner.weights())
+    recompute = (
+        behaviour_recompute(cfg, model, tokenizer.pad_token_id, runtime.lag, out) if from_learner else None
+    )
+    publish(learner, runtime, recompute)
     advantage = advantage_method(cfg.objective)
     evaluate = lambda: held_out_accuracy(eval_engine, held_out, cfg.eval_samples, cfg.rollout, cfg.seed)  # noqa: E731
 
@@ -55,9 +63,12 @@ def train(cfg: TrainConfig) -> dict:
         task = bar.add_task("train", total=cfg.steps, status="")
         for step in range(cfg.steps):
             samples, rollout_stats = runtime.next_batch(step)
+            if recompute is not None:
+                samples, recompute_stats = recompute.apply(samples)
+                rollout_stats |= recompute_stats
             batch = make_batch(samples, tokenizer.pad_token_id, advantage)
             stats = rollout_metrics(samples, learner.version) | rollout_stats | learner.step(batch)
-            runtime.publish(learner.version, learner.weights())
+            publish(learner, runtime, recompute)
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
                 stats |= {f"test_{k}": v for k, v in evaluate().items()}
             stats.update(
@@ -97,6 +108,19 @@ def train(cfg: TrainConfig) -> dict:
         )
     )
     return result
+
+
+def publish(learner: Learner, runtime: LagRuntime, recompute: BehaviourRecompute | None) -> None:
+    weights = learner.weights()
+    runtime.publish(learner.version, weights)
+    if recompute is not None:
+        recompute.store.put(learner.version, weights)
+
+
+def behaviour_recompute(cfg: TrainConfig, model, pad_id: int, lag: int, out) -> BehaviourRecompute:
+    """Snapshots of the last lag + 1 versions: exactly the ones the runtime can still generate from."""
+    store = SnapshotStore(lag + 1, cfg.behaviour.snapshots, out / "snapshots")
+    return BehaviourRecompute(copy.deepcopy(model), store, pad_id, cfg.rollout.temperature or 1.0)
 
 
 def _change(before: float, after: float) -> str:

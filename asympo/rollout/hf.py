@@ -31,8 +31,15 @@ def sample_tokens(
 class HFEngine:
     """Generates with its own copy of the policy, at whichever version the runtime loaded into it."""
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, version: int = 0):
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        version: int = 0,
+        return_logprobs: bool = True,
+    ):
         self.model = model.eval()
+        self.return_logprobs = return_logprobs  # off: samples carry ids, text and version only
         # transformers 5 renamed `past_key_values` to `cache`; accept both so older releases work too.
         params = inspect.signature(model.forward).parameters
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
@@ -68,7 +75,7 @@ class HFEngine:
                         text=self.tokenizer.decode(responses[j], skip_special_tokens=True),
                         finish_reason=reasons[j],
                         version=self.version,
-                        behaviour_logprobs=logprobs[j],
+                        behaviour_logprobs=logprobs[j] if self.return_logprobs else None,
                         group=g,
                     )
                 )
