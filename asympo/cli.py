@@ -15,6 +15,7 @@ COMMANDS = {
     "train": "run RL post-training (default: tiny model, built-in task, asympo at lag 2)",
     "sft": "warm-start the tiny model by supervised fine-tuning on the built-in task",
     "eval": "held-out greedy accuracy, pass@1 and pass@k of a model",
+    "study": "the staleness study: objectives x staleness k x seeds, with a table and plots",
 }
 
 
@@ -33,7 +34,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> None:
     from transformers.utils import logging as hf_logging
 
-    from asympo.config import EvalConfig, SFTConfig, TrainConfig, build_config
+    from asympo.config import EvalConfig, SFTConfig, StudyConfig, TrainConfig, build_config
 
     hf_logging.disable_progress_bar()
     if args.command == "train":
@@ -48,6 +49,10 @@ def run(args: argparse.Namespace) -> None:
         from asympo.eval_cli import run_eval
 
         print(json.dumps(run_eval(build_config(EvalConfig, args.config, args.overrides)), indent=2))
+    elif args.command == "study":
+        from asympo.study.run import run_study
+
+        run_study(build_config(StudyConfig, args.config, args.overrides))
 
 
 def main(argv: list[str] | None = None) -> int:

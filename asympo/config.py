@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from asympo.data.tasks import TaskConfig
 from asympo.errors import UserError
@@ -68,6 +68,7 @@ class TrainConfig(Strict):
     out: str = "runs/train"
     tensorboard: bool = False
     progress: bool = True
+    save_model: bool = True  # write the trained model to out/final
 
 
 class SFTConfig(Strict):
@@ -83,6 +84,46 @@ class SFTConfig(Strict):
     eval_size: int = Field(200, ge=1)
     out: str = "runs/tiny-sft"
     progress: bool = True
+
+
+STUDY_BASE = TrainConfig(steps=150, eval_every=25, eval_samples=4, progress=False, save_model=False)
+
+
+class StudyConfig(Strict):
+    """A grid of `asympo train` runs in the deterministic lag runtime: objectives x staleness k x seeds.
+
+    An objective entry `name:learner` runs `name` with behaviour log-probs recomputed by the learner.
+    """
+
+    base: TrainConfig = STUDY_BASE  # every cell's settings; objective, lag, seed and out are set per cell
+    objectives: list[str] = ["pg", "gpg", "spo", "asympo", "grpo", "grpo:learner", "decoupled_ppo"]
+    lags: list[int] = [0, 2, 4, 8]
+    seeds: list[int] = [0, 1, 2]
+    collapse_drop: float = Field(0.5, gt=0, lt=1)  # collapsed: final accuracy < collapse_drop * initial
+    workers: int = Field(2, ge=1)  # cells run side by side in separate processes
+    threads_per_worker: int = Field(1, ge=1)
+    out: str = "runs/study"
+    progress: bool = True
+
+    @field_validator("objectives")
+    @classmethod
+    def _known(cls, names: list[str]) -> list[str]:
+        from asympo.objectives import OBJECTIVES
+
+        for entry in names:
+            name, _, source = entry.partition(":")
+            if name not in OBJECTIVES or source not in ("", "learner"):
+                raise ValueError(
+                    f"unknown objective '{entry}'; known: {', '.join(OBJECTIVES)} (or name:learner)"
+                )
+        return names
+
+    @field_validator("lags")
+    @classmethod
+    def _non_negative(cls, lags: list[int]) -> list[int]:
+        if not lags or min(lags) < 0:
+            raise ValueError("lags must be a non-empty list of integers >= 0")
+        return lags
 
 
 class EvalConfig(Strict):
@@ -174,9 +215,19 @@ def format_validation_error(err: ValidationError) -> str:
     return f"config {where}: {msg} (got {first.get('input')!r}){more}"
 
 
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
 def build_config(model: type[Cfg], path: str | Path | None = None, overrides: list[str] = ()) -> Cfg:
-    data = load_yaml(path) if path else {}
-    for item in overrides:
+    data = _merge(model().model_dump(), load_yaml(path) if path else {})  # so a partial section keeps
+    for item in overrides:  # its defaults, even where they differ from the section class's own
         apply_override(data, model, item)
     try:
         return model.model_validate(data)

@@ -24,7 +24,7 @@ from asympo.runtime import LagRuntime, runtime_lag
 from asympo.snapshots import SnapshotStore
 
 
-def train(cfg: TrainConfig) -> dict:
+def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     out = ensure_writable_dir(cfg.out)
     atomic_write_text(out / "config.json", cfg.model_dump_json(indent=2))
     torch.manual_seed(cfg.seed)
@@ -54,7 +54,8 @@ def train(cfg: TrainConfig) -> dict:
     evaluate = lambda: held_out_accuracy(eval_engine, held_out, cfg.eval_samples, cfg.rollout, cfg.seed)  # noqa: E731
 
     before, start, log = evaluate(), time.perf_counter(), MetricsLog(out, cfg.tensorboard)
-    console.print(
+    say = (lambda *_: None) if quiet else console.print
+    say(
         f"held-out accuracy before: {before['accuracy']:.1%} sampled pass@1, "
         f"{before['greedy_accuracy']:.1%} greedy"
         f"  ({cfg.objective.name}, {cfg.runtime.mode} k={runtime.lag})"
@@ -82,7 +83,8 @@ def train(cfg: TrainConfig) -> dict:
     after = evaluate()
     log.log(cfg.steps, {f"test_{k}": v for k, v in after.items()} | {"version": learner.version})
     log.close()
-    save_model_atomic(model, tokenizer, out / "final")
+    if cfg.save_model:
+        save_model_atomic(model, tokenizer, out / "final")
     result = {
         "accuracy_before": before["accuracy"],
         "accuracy_after": after["accuracy"],
@@ -94,7 +96,7 @@ def train(cfg: TrainConfig) -> dict:
         "seconds": round(time.perf_counter() - start, 1),
     }
     atomic_write_text(out / "result.json", json.dumps(result, indent=2))
-    console.print(
+    say(
         summary_table(
             f"asympo train: {cfg.objective.name}",
             [

@@ -1,4 +1,5 @@
-"""The README's configuration reference must list every `asympo train` key with its real default."""
+"""The README's configuration references must list every `asympo train` and `asympo study` key, with the
+train keys' real defaults."""
 
 from __future__ import annotations
 
@@ -7,9 +8,19 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from asympo.config import TrainConfig
+from asympo.config import StudyConfig, TrainConfig
 
 README = (Path(__file__).parents[1] / "README.md").read_text()
+
+
+def section(heading: str) -> str:
+    start = README.index(heading)
+    end = README.find("\n## ", start + 1)
+    return README[start : end if end > 0 else None]
+
+
+TRAIN_REFERENCE = section("## Configuration reference (`asympo train`)")
+STUDY_REFERENCE = section("## The staleness study (`asympo study`)")
 
 
 def leaf_defaults(model: type[BaseModel], prefix: str = "") -> dict[str, object]:
@@ -23,13 +34,19 @@ def leaf_defaults(model: type[BaseModel], prefix: str = "") -> dict[str, object]
 
 
 def documented_defaults() -> dict[str, str]:
-    rows = re.findall(r"^\| `([\w.]+)` \| ([^|]+?) \|", README, flags=re.M)
+    rows = re.findall(r"^\| `([\w.]+)` \| ([^|]+?) \|", TRAIN_REFERENCE, flags=re.M)
     return {key: cell.strip().strip("`") for key, cell in rows}
 
 
 def test_every_train_key_is_documented():
-    missing = [key for key in leaf_defaults(TrainConfig) if f"`{key}`" not in README]
+    missing = [key for key in leaf_defaults(TrainConfig) if f"`{key}`" not in TRAIN_REFERENCE]
     assert not missing, f"README config reference lacks: {missing}"
+
+
+def test_every_study_key_is_documented():
+    keys = [f"`{k}.*`" if k == "base" else f"`{k}`" for k in StudyConfig.model_fields]
+    missing = [key for key in keys if key not in STUDY_REFERENCE]
+    assert not missing, f"README study reference lacks: {missing}"
 
 
 def test_documented_defaults_match_the_code():

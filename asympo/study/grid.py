@@ -1,0 +1,89 @@
+"""Run every cell of the grid, two side by side on two cores; finished cells are never run again."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+
+from asympo.config import StudyConfig, TrainConfig
+from asympo.io import atomic_write_text, ensure_writable_dir
+from asympo.metrics import console, progress_bar
+
+
+@dataclass(frozen=True)
+class Cell:
+    objective: str  # as in the grid, e.g. "grpo" or "grpo:learner"
+    lag: int
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.objective.replace(':', '-')}-k{self.lag}-s{self.seed}"
+
+
+def cells_of(cfg: StudyConfig) -> list[Cell]:
+    return [Cell(o, k, s) for k in cfg.lags for o in cfg.objectives for s in cfg.seeds]
+
+
+def cell_config(cfg: StudyConfig, cell: Cell, folder: Path) -> TrainConfig:
+    name, _, source = cell.objective.partition(":")
+    data = cfg.base.model_dump()
+    data["objective"]["name"] = name
+    data["behaviour"]["source"] = source or "engine"
+    data["runtime"] = {"mode": "lag", "lag": cell.lag}
+    data |= {"seed": cell.seed, "out": str(folder), "progress": False}
+    return TrainConfig.model_validate(data)
+
+
+def _run_cell(config_json: str, threads: int) -> dict:
+    """In a worker process: one torch thread per core keeps two cells from fighting over both."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from asympo.train import train
+
+    torch.set_num_threads(threads)
+    hf_logging.disable_progress_bar()
+    return train(TrainConfig.model_validate_json(config_json), quiet=True)
+
+
+def run_grid(cfg: StudyConfig) -> Path:
+    out = ensure_writable_dir(cfg.out)
+    atomic_write_text(out / "study.json", cfg.model_dump_json(indent=2))
+    cells = cells_of(cfg)
+    todo = [c for c in cells if not (out / "cells" / c.name / "result.json").exists()]
+    if len(todo) < len(cells):
+        console.print(
+            f"study: {len(cells) - len(todo)} of {len(cells)} cells already done, running {len(todo)}"
+        )
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: no forked torch state
+    with (
+        progress_bar(cfg.progress) as bar,
+        ProcessPoolExecutor(min(cfg.workers, max(len(todo), 1)), mp_context=context) as pool,
+    ):
+        task = bar.add_task("study", total=len(cells), completed=len(cells) - len(todo), status="")
+        running = {}
+        for cell in todo:
+            config = cell_config(cfg, cell, out / "cells" / cell.name)
+            running[pool.submit(_run_cell, config.model_dump_json(), cfg.threads_per_worker)] = cell
+        while running:
+            bar.update(task, status="running " + " ".join(sorted(c.name for c in running.values()))[:60])
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                cell = running.pop(future)
+                result = future.result()  # a failing cell stops the study; finished cells stay done
+                bar.update(task, advance=1)
+                console.print(
+                    f"  {cell.name}: accuracy {result['accuracy_before']:.1%} -> "
+                    f"{result['accuracy_after']:.1%}"
+                )
+    return out
+
+
+def load_cell(folder: Path) -> tuple[dict, list[dict]]:
+    result = json.loads((folder / "result.json").read_text())
+    steps = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return result, steps
