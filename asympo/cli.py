@@ -57,11 +57,19 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    from asympo.faults import Interrupted, RunAborted
+
     try:
         run(args)
     except UserError as e:
         print(f"asympo: error: {e}", file=sys.stderr)
         return 2
+    except RunAborted as e:
+        print(f"asympo: run stopped: {e}", file=sys.stderr)
+        return 1
+    except Interrupted as e:
+        print(f"asympo: interrupted by {e}", file=sys.stderr)
+        return 143 if e.signal_name == "SIGTERM" else 130
     except KeyboardInterrupt:
         print("asympo: interrupted", file=sys.stderr)
         return 130

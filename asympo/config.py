@@ -41,8 +41,19 @@ class OptimConfig(Strict):
 
 
 class RuntimeConfig(Strict):
-    mode: Literal["sync", "lag"] = "lag"  # `async` arrives with the async runtime
+    mode: Literal["sync", "lag", "async"] = "lag"
     lag: int = Field(2, ge=0)  # lag mode: rollouts use the weights of exactly this many versions ago
+    max_staleness: int = Field(2, ge=0)  # async: a group older than this many versions is dropped
+    workers: int = Field(1, ge=1)  # async: rollout worker processes
+    worker_threads: int = Field(1, ge=1)  # async: torch threads per worker
+    learner_threads: int = Field(1, ge=1)  # async: torch threads of the learner (main process)
+    jobs_per_worker: int = Field(2, ge=1)  # async: jobs queued per worker, so it never waits on the learner
+
+
+class FaultsConfig(Strict):
+    reward_timeout: float = Field(5.0, gt=0)  # seconds per reward call; a hang gives reward 0 and is counted
+    max_worker_restarts: int = Field(5, ge=0)  # async: past this many worker deaths the run stops
+    max_skipped_steps: int = Field(5, ge=0)  # consecutive non-finite steps before the run stops
 
 
 class BehaviourConfig(Strict):
@@ -61,6 +72,8 @@ class TrainConfig(Strict):
     optim: OptimConfig = OptimConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     behaviour: BehaviourConfig = BehaviourConfig()
+    faults: FaultsConfig = FaultsConfig()
+    reward: str = "exact"  # "exact", or a custom reward "package.module:function" (text, answer) -> float
     steps: int = Field(200, ge=0)
     seed: int = 0
     eval_every: int = Field(50, ge=0)  # 0: only before and after
@@ -69,6 +82,8 @@ class TrainConfig(Strict):
     tensorboard: bool = False
     progress: bool = True
     save_model: bool = True  # write the trained model to out/final
+    checkpoint_every: int = Field(50, ge=0)  # steps between checkpoints, and at the end (0: on a signal only)
+    resume: bool = False  # continue from the newest checkpoint in out/checkpoints
 
 
 class SFTConfig(Strict):
@@ -86,7 +101,9 @@ class SFTConfig(Strict):
     progress: bool = True
 
 
-STUDY_BASE = TrainConfig(steps=150, eval_every=25, eval_samples=4, progress=False, save_model=False)
+STUDY_BASE = TrainConfig(
+    steps=150, eval_every=25, eval_samples=4, progress=False, save_model=False, checkpoint_every=0
+)
 
 
 class StudyConfig(Strict):

@@ -18,6 +18,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from asympo.io import atomic_write_text
 from asympo.rollout.base import Sample
 
 console = Console(stderr=True)
@@ -55,16 +56,20 @@ def progress_bar(enabled: bool = True) -> Progress:
 
 class MetricsLog:
     """One JSON object per step in `metrics.jsonl` (a previous run's file is kept as `metrics.N.jsonl`);
-    scalars are mirrored to TensorBoard if asked."""
+    scalars are mirrored to TensorBoard if asked. On resume the file continues: lines of steps that will
+    run again are dropped, so no step appears twice."""
 
-    def __init__(self, out: Path, tensorboard: bool = False):
+    def __init__(self, out: Path, tensorboard: bool = False, resume_step: int | None = None):
         self.path = out / "metrics.jsonl"
-        if self.path.exists():  # a new run never mixes its steps into an old file, nor deletes it
+        if resume_step is not None and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if _step_of(line) < resume_step]
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+        elif self.path.exists():  # a new run never mixes its steps into an old file, nor deletes it
             n = 1
             while (backup := out / f"metrics.{n}.jsonl").exists():
                 n += 1
             self.path.rename(backup)
-        self.file = self.path.open("w")  # noqa: SIM115 - lives as long as the run, closed by close()
+        self.file = self.path.open("a")  # noqa: SIM115 - lives as long as the run, closed by close()
         self.tb = None
         if tensorboard:
             try:
@@ -92,6 +97,14 @@ class MetricsLog:
         self.file.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def _step_of(line: str) -> float:
+    """A torn last line (the process was killed mid-write) sorts after every step, so it is dropped."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def summary_table(title: str, rows: list[tuple[str, str]]) -> Table:

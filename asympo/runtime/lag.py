@@ -16,7 +16,7 @@ from asympo.config import RolloutConfig
 from asympo.data.tasks import Problem
 from asympo.rollout.base import RolloutEngine, Sample
 
-RewardFn = Callable[[str, str], float]
+Scorer = Callable[[list[tuple[str, str]]], list[float]]  # (text, answer) pairs -> rewards, in order
 
 
 class LagRuntime:
@@ -24,16 +24,15 @@ class LagRuntime:
         self,
         engine: RolloutEngine,
         problems: Iterator[Problem],
-        reward_fn: RewardFn,
+        score: Scorer,
         rollout: RolloutConfig,
         lag: int,
         seed: int,
     ):
-        self.engine, self.problems, self.reward_fn = engine, problems, reward_fn
+        self.engine, self.problems, self.score = engine, problems, score
         self.rollout, self.lag, self.seed = rollout, lag, seed
         self.history: deque[tuple[int, dict[str, torch.Tensor]]] = deque(maxlen=lag + 1)
         self.cursor = 0  # problems consumed so far: the data cursor
-        self.reward_errors = 0
 
     def publish(self, version: int, weights: dict[str, torch.Tensor]) -> None:
         if self.history and self.history[-1][0] == version:
@@ -58,15 +57,11 @@ class LagRuntime:
         for gid, (problem, group) in enumerate(zip(problems, groups, strict=True)):
             for s in group:
                 s.answer, s.group = problem.answer, gid
-                s.reward = self.score(s.text, problem.answer)
                 samples.append(s)
+        for s, reward in zip(samples, self.score([(s.text, s.answer) for s in samples]), strict=True):
+            s.reward = reward
         tokens = sum(len(s.response_ids) for s in samples)
         return samples, {"rollout_time": elapsed, "rollout_tokens_per_s": tokens / max(elapsed, 1e-9)}
 
-    def score(self, text: str, answer: str) -> float:
-        """A reward function that raises gives 0 and is counted; it never kills the run."""
-        try:
-            return float(self.reward_fn(text, answer))
-        except Exception:
-            self.reward_errors += 1
-            return 0.0
+    def close(self) -> None:
+        pass

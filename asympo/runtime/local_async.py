@@ -1,0 +1,230 @@
+"""The `async` runtime: rollout workers in their own processes generate continuously while the learner
+trains in the main process. Weights travel through shared memory (one copy per publish, no pickling);
+a bounded buffer admits a group only while `learner_version - sample_version <= max_staleness`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from multiprocessing.connection import wait
+
+import torch
+import torch.multiprocessing as mp
+
+from asympo.config import RolloutConfig
+from asympo.data.tasks import Problem
+from asympo.faults import RunAborted
+from asympo.rollout.base import Sample
+
+CTX = mp.get_context("spawn")  # a fresh interpreter: no forked torch thread pools or locks
+Scorer = Callable[[list[tuple[str, str]]], list[float]]
+
+
+class SharedWeights:
+    """The newest published weights, in shared memory: the learner copies in, workers copy out."""
+
+    def __init__(self, state_dict: dict[str, torch.Tensor], version: int):
+        self.tensors = {k: v.detach().clone().share_memory_() for k, v in state_dict.items()}
+        self.version = CTX.Value("q", version, lock=False)
+        self.lock = CTX.Lock()
+
+    def publish(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
+        with self.lock, torch.no_grad():
+            for name, tensor in self.tensors.items():
+                tensor.copy_(state_dict[name])
+            self.version.value = version
+
+
+@dataclass
+class Job:
+    id: int
+    problems: list[Problem]
+    seed: int
+
+
+def worker_main(jobs, results, shared: SharedWeights, model: str, rollout: RolloutConfig, opts: dict) -> None:
+    """A rollout worker: take a job, pick up the newest weights, generate, send the groups back."""
+    torch.set_num_threads(opts["threads"])
+    from transformers.utils import logging as hf_logging
+
+    from asympo.models.load import load_policy
+    from asympo.rollout.hf import HFEngine
+
+    hf_logging.disable_progress_bar()
+    policy, tokenizer = load_policy(model)
+    engine = HFEngine(policy, tokenizer, version=-1, return_logprobs=opts["return_logprobs"])
+    while (job := jobs.get()) is not None:
+        if shared.version.value != engine.version:
+            with shared.lock:
+                engine.load_weights(shared.tensors, shared.version.value)
+        start = time.perf_counter()
+        generator = torch.Generator().manual_seed(job.seed)
+        prompts = [p.prompt for p in job.problems]
+        groups = engine.generate(prompts, rollout.group_size, rollout, generator)
+        results.put((job.id, groups, time.perf_counter() - start))
+
+
+class Worker:
+    """One rollout process with its own job and result queues, so killing it corrupts nothing shared."""
+
+    def __init__(self, index: int, runtime: AsyncRuntime):
+        self.jobs, self.results = CTX.Queue(), CTX.Queue()
+        self.in_flight: dict[int, Job] = {}
+        self.process = CTX.Process(
+            target=worker_main,
+            args=(self.jobs, self.results, runtime.shared, runtime.model, runtime.rollout, runtime.opts),
+            name=f"asympo-rollout-{index}",
+            daemon=True,
+        )
+        self.process.start()
+
+    def send(self, job: Job) -> None:
+        self.in_flight[job.id] = job
+        self.jobs.put(job)
+
+    def stop(self) -> None:
+        if self.process.is_alive():
+            self.jobs.put(None)
+            self.process.join(timeout=5)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        for q in (self.jobs, self.results):
+            q.cancel_join_thread()
+            q.close()
+
+
+class AsyncRuntime:
+    def __init__(
+        self,
+        model: str,
+        weights: dict[str, torch.Tensor],
+        version: int,
+        problems: Iterator[Problem],
+        score: Scorer,
+        rollout: RolloutConfig,
+        seed: int,
+        workers: int = 1,
+        worker_threads: int = 1,
+        max_staleness: int = 2,
+        jobs_per_worker: int = 2,
+        max_worker_restarts: int = 5,
+        return_logprobs: bool = True,
+    ):
+        self.model, self.rollout, self.problems, self.score, self.seed = model, rollout, problems, score, seed
+        self.max_staleness, self.depth, self.max_restarts = (
+            max_staleness,
+            jobs_per_worker,
+            max_worker_restarts,
+        )
+        self.opts = {"threads": worker_threads, "return_logprobs": return_logprobs}
+        self.lag = max_staleness  # what the behaviour-log-prob snapshot store must cover
+        self.shared = SharedWeights(weights, version)
+        self.learner_version = version
+        self.job_prompts = math.ceil(rollout.prompts_per_step / workers)
+        self.buffer: deque[list[Sample]] = deque()  # groups, oldest first
+        self.capacity = 2 * rollout.prompts_per_step + workers * jobs_per_worker * self.job_prompts
+        self.cursor, self.next_job = 0, 0
+        self.counts = {"dropped_stale": 0, "worker_restarts": 0, "lost_jobs": 0, "reward_errors": 0}
+        self.busy_time, self.last_return = 0.0, None
+        self.workers = [Worker(i, self) for i in range(workers)]
+
+    def publish(self, version: int, weights: dict[str, torch.Tensor]) -> None:
+        self.learner_version = version
+        self.shared.publish(weights, version)
+
+    def next_batch(self, step: int) -> tuple[list[Sample], dict[str, float]]:
+        entered = time.perf_counter()
+        while True:
+            self._revive_dead()
+            self._dispatch()
+            self._evict_stale()
+            if len(self.buffer) >= self.rollout.prompts_per_step:
+                break
+            queues = [w.results._reader for w in self.workers]  # noqa: SLF001 - wait on the pipe itself
+            wait(queues + [w.process.sentinel for w in self.workers], timeout=1.0)
+            self._collect()
+        groups = [self.buffer.popleft() for _ in range(self.rollout.prompts_per_step)]
+        samples = []
+        for gid, group in enumerate(groups):
+            for s in group:
+                s.group = gid
+                samples.append(s)
+        now = time.perf_counter()
+        stats = self._stats(entered, now)
+        self.last_return = now
+        return samples, stats
+
+    def _stats(self, entered: float, now: float) -> dict[str, float]:
+        interval = now - self.last_return if self.last_return is not None else now - entered
+        learner_busy = (entered - self.last_return) / interval if self.last_return is not None else 0.0
+        worker_busy = self.busy_time / (interval * len(self.workers)) if interval > 0 else 0.0
+        self.busy_time = 0.0
+        return {
+            "buffer_groups": len(self.buffer),
+            "learner_busy": learner_busy,
+            "worker_busy": min(worker_busy, 1.0),
+            "wait_time": now - entered,
+            **self.counts,
+        }
+
+    def _dispatch(self) -> None:
+        """Keep every worker `depth` jobs deep, unless the buffer would overflow its bound."""
+        for worker in self.workers:
+            while len(worker.in_flight) < self.depth and self._room():
+                problems = [next(self.problems) for _ in range(self.job_prompts)]
+                self.cursor += len(problems)
+                worker.send(Job(self.next_job, problems, self.seed * 1_000_003 + self.next_job))
+                self.next_job += 1
+
+    def _room(self) -> bool:
+        pending = sum(len(w.in_flight) for w in self.workers) * self.job_prompts
+        return len(self.buffer) + pending + self.job_prompts <= self.capacity
+
+    def _collect(self) -> None:
+        for worker in self.workers:
+            while not worker.results.empty():
+                try:
+                    job_id, groups, busy = worker.results.get(timeout=1.0)
+                except Exception:  # the worker died mid-send: its jobs are counted lost on revive
+                    break
+                job = worker.in_flight.pop(job_id)
+                self.busy_time += busy
+                self._admit(job, groups)
+
+    def _admit(self, job: Job, groups: list[list[Sample]]) -> None:
+        items = [(s.text, p.answer) for p, group in zip(job.problems, groups, strict=True) for s in group]
+        rewards = iter(self.score(items))
+        for problem, group in zip(job.problems, groups, strict=True):
+            for s in group:
+                s.answer, s.reward = problem.answer, next(rewards)
+            self.buffer.append(group)
+
+    def _evict_stale(self) -> None:
+        """Drop groups too old to train on: the bound that keeps staleness at most `max_staleness`."""
+        fresh = [g for g in self.buffer if self.learner_version - g[0].version <= self.max_staleness]
+        self.counts["dropped_stale"] += len(self.buffer) - len(fresh)
+        self.buffer = deque(fresh)
+
+    def _revive_dead(self) -> None:
+        for i, worker in enumerate(self.workers):
+            if worker.process.is_alive():
+                continue
+            self._collect()  # keep whatever it finished before dying
+            self.counts["worker_restarts"] += 1
+            self.counts["lost_jobs"] += len(worker.in_flight)
+            worker.stop()
+            if self.counts["worker_restarts"] > self.max_restarts:
+                raise RunAborted(
+                    f"rollout workers died {self.counts['worker_restarts']} times "
+                    f"(limit faults.max_worker_restarts={self.max_restarts})"
+                )
+            self.workers[i] = Worker(i, self)
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.stop()
