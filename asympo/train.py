@@ -13,6 +13,7 @@ from asympo.batch import make_batch
 from asympo.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from asympo.config import TrainConfig
 from asympo.data.tasks import held_out_problems
+from asympo.errors import UserError
 from asympo.evaluate import held_out_accuracy
 from asympo.faults import Interrupted, RunAborted, SkipGuard, StopSignal
 from asympo.io import atomic_write_text, ensure_writable_dir, save_model_atomic
@@ -23,134 +24,162 @@ from asympo.objectives import advantage_method
 from asympo.recompute import BehaviourRecompute
 from asympo.rewards.guard import RewardGuard
 from asympo.rollout.hf import HFEngine
-from asympo.runtime import LagRuntime, Runtime, build_runtime
+from asympo.runtime import LagRuntime, build_runtime
 from asympo.snapshots import SnapshotStore
 
 
 def train(cfg: TrainConfig, quiet: bool = False) -> dict:
-    out = ensure_writable_dir(cfg.out)
-    torch.manual_seed(cfg.seed)
-    model, tokenizer = load_policy(cfg.model)
-    temperature = cfg.rollout.temperature or 1.0
-    learner = Learner(model, cfg.objective, cfg.optim, temperature, cfg.rollout.max_new_tokens)
-    resumed = (
-        load_checkpoint(out / "checkpoints", model, learner.optimizer, learner.scheduler)
-        if cfg.resume
-        else None
-    )
-    state, history = resumed or (TrainState(step=0, version=0, skipped_steps=0, cursor=0), [])
-    learner.version, learner.skipped_steps = state.version, state.skipped_steps
-    atomic_write_text(out / "config.json", cfg.model_dump_json(indent=2))
-    say = (lambda *_: None) if quiet else console.print
-    if cfg.resume:
-        say(
-            f"resuming at step {state.step}"
-            if resumed
-            else "resume=true but no checkpoint yet: starting fresh"
+    return Trainer(cfg, quiet).run()
+
+
+class Trainer:
+    """One `asympo train` run: set-up (or resume), the loop, checkpoints, the final evaluation."""
+
+    def __init__(self, cfg: TrainConfig, quiet: bool = False):
+        self.cfg, self.out = cfg, ensure_writable_dir(cfg.out)
+        self.say = (lambda *_: None) if quiet else console.print
+        torch.manual_seed(cfg.seed)
+        self.model, self.tokenizer = load_policy(cfg.model)
+        temperature = cfg.rollout.temperature or 1.0
+        self.learner = Learner(self.model, cfg.objective, cfg.optim, temperature, cfg.rollout.max_new_tokens)
+        self.state, history, self.resumed = self.restore()
+        atomic_write_text(self.out / "config.json", cfg.model_dump_json(indent=2))
+        self.held_out = held_out_problems(cfg.task)  # bad task settings fail before any process starts
+        self.rewards = RewardGuard(cfg.reward, cfg.faults.reward_timeout)
+        self.runtime = build_runtime(
+            cfg, self.model, self.tokenizer, self.learner.version, self.state.cursor, self.rewards.score
+        )
+        self.recompute = None
+        if cfg.behaviour.source == "learner":
+            self.recompute = behaviour_recompute(
+                cfg, self.model, self.tokenizer.pad_token_id, self.runtime.lag, self.out
+            )
+        for version, weights in history:  # the lag runtime's older versions, so it continues exactly
+            self.publish(version, weights)
+        self.publish(self.learner.version, self.learner.weights())
+        self.skips = SkipGuard(cfg.faults.max_skipped_steps)
+        self.skips.consecutive = int(self.state.counters.get("consecutive_skips", 0))
+        if hasattr(self.runtime, "counts"):
+            self.runtime.counts.update(self.state.counters.get("runtime", {}))
+        self.eval_engine = HFEngine(self.model, self.tokenizer)  # shares the learner's weights
+
+    def restore(self) -> tuple[TrainState, list, bool]:
+        fresh = TrainState(step=0, version=0, skipped_steps=0, cursor=0)
+        if not self.cfg.resume:
+            return fresh, [], False
+        learner = self.learner
+        loaded = load_checkpoint(self.out / "checkpoints", self.model, learner.optimizer, learner.scheduler)
+        if loaded is None:
+            self.say("resume=true but no checkpoint yet: starting fresh")
+            return fresh, [], False
+        state, history = loaded
+        if state.step > self.cfg.steps:
+            raise UserError(f"the checkpoint is at step {state.step}, past steps={self.cfg.steps}")
+        learner.version, learner.skipped_steps = state.version, state.skipped_steps
+        self.say(f"resuming at step {state.step}")
+        return state, history, True
+
+    def publish(self, version: int, weights: dict) -> None:
+        self.runtime.publish(version, weights)
+        if self.recompute is not None:
+            self.recompute.store.put(version, weights)
+
+    def evaluate(self) -> dict[str, float]:
+        cfg = self.cfg
+        return held_out_accuracy(self.eval_engine, self.held_out, cfg.eval_samples, cfg.rollout, cfg.seed)
+
+    def checkpoint(self, step: int) -> Path:
+        learner, state = self.learner, self.state
+        state.step, state.version, state.skipped_steps = step, learner.version, learner.skipped_steps
+        state.cursor = self.runtime.cursor
+        state.counters |= {"consecutive_skips": self.skips.consecutive}
+        state.counters["runtime"] = dict(getattr(self.runtime, "counts", {}))
+        kept = list(self.runtime.history) if isinstance(self.runtime, LagRuntime) else []
+        return save_checkpoint(
+            self.out / "checkpoints", state, self.model, learner.optimizer, learner.scheduler, kept
         )
 
-    rewards = RewardGuard(cfg.reward, cfg.faults.reward_timeout)
-    runtime = build_runtime(cfg, model, tokenizer, learner.version, state.cursor, rewards.score)
-    recompute = (
-        behaviour_recompute(cfg, model, tokenizer.pad_token_id, runtime.lag, out)
-        if cfg.behaviour.source == "learner"
-        else None
-    )
-    for version, weights in history:  # the lag runtime's older versions, so it continues exactly
-        publish(version, weights, runtime, recompute)
-    publish(learner.version, learner.weights(), runtime, recompute)
-    advantage, skips = advantage_method(cfg.objective), SkipGuard(cfg.faults.max_skipped_steps)
-    eval_engine = HFEngine(model, tokenizer)  # shares the learner's weights: always the newest version
-    held_out = held_out_problems(cfg.task)
-    evaluate = lambda: held_out_accuracy(eval_engine, held_out, cfg.eval_samples, cfg.rollout, cfg.seed)  # noqa: E731
+    def run(self) -> dict:
+        cfg = self.cfg
+        try:
+            before = self.state.counters.get("before") or self.evaluate()
+            self.state.counters["before"] = before
+            self.say(
+                f"held-out accuracy before: {before['accuracy']:.1%} sampled pass@1, "
+                f"{before['greedy_accuracy']:.1%} greedy  ({cfg.objective.name}, {cfg.runtime.mode})"
+            )
+            self.log = MetricsLog(self.out, cfg.tensorboard, self.state.step if self.resumed else None)
+            self.start = time.perf_counter()
+            self.loop()
+            if cfg.checkpoint_every:
+                self.checkpoint(cfg.steps)
+        finally:
+            self.runtime.close()
+            self.rewards.close()
+        return self.finish(before)
 
-    before = state.counters.get("before") or evaluate()
-    state.counters["before"] = before
-    say(
-        f"held-out accuracy before: {before['accuracy']:.1%} sampled pass@1, "
-        f"{before['greedy_accuracy']:.1%} greedy  ({cfg.objective.name}, {cfg.runtime.mode})"
-    )
-    log, start = (
-        MetricsLog(out, cfg.tensorboard, resume_step=state.step if resumed else None),
-        time.perf_counter(),
-    )
+    def loop(self) -> None:
+        cfg, learner, done = self.cfg, self.learner, self.state.step  # done: where a checkpoint resumes
+        try:
+            with StopSignal() as stop, progress_bar(cfg.progress) as bar:
+                task = bar.add_task("train", total=cfg.steps, completed=done, status="")
+                for step in range(self.state.step, cfg.steps):
+                    samples, rollout_stats = self.runtime.next_batch(step)
+                    if self.recompute is not None:
+                        samples, recompute_stats = self.recompute.apply(samples)
+                        rollout_stats |= recompute_stats
+                    batch = make_batch(samples, self.tokenizer.pad_token_id, advantage_method(cfg.objective))
+                    stats = rollout_metrics(samples, learner.version) | rollout_stats | learner.step(batch)
+                    self.publish(learner.version, learner.weights())
+                    if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+                        stats |= {f"test_{k}": v for k, v in self.evaluate().items()}
+                    stats |= self.reward_counts() | {"version": learner.version, "elapsed": self.elapsed()}
+                    self.log.log(step, stats)
+                    done = step + 1
+                    bar.update(task, advance=1, status=f"reward {stats['reward']:.2f}")
+                    self.skips.update(learner.skipped_steps > self.state.skipped_steps)
+                    self.state.skipped_steps = learner.skipped_steps
+                    if stop.received:
+                        raise Interrupted(stop.received, done, self.checkpoint(done))
+                    if cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
+                        self.checkpoint(done)
+        except RunAborted as e:
+            raise RunAborted(f"{e}; checkpoint {self.checkpoint(done)}") from None
 
-    def checkpoint(step: int) -> Path:
-        state.step, state.version, state.skipped_steps = step, learner.version, learner.skipped_steps
-        state.cursor = runtime.cursor
-        kept = list(runtime.history) if isinstance(runtime, LagRuntime) else []
-        return save_checkpoint(out / "checkpoints", state, model, learner.optimizer, learner.scheduler, kept)
+    def finish(self, before: dict[str, float]) -> dict:
+        after = self.evaluate()
+        self.log.log(
+            self.cfg.steps, {f"test_{k}": v for k, v in after.items()} | {"version": self.learner.version}
+        )
+        self.log.close()
+        if self.cfg.save_model:
+            save_model_atomic(self.model, self.tokenizer, self.out / "final")
+        result = {
+            "accuracy_before": before["accuracy"],
+            "accuracy_after": after["accuracy"],
+            "greedy_accuracy_before": before["greedy_accuracy"],
+            "greedy_accuracy_after": after["greedy_accuracy"],
+            "steps": self.cfg.steps,
+            "version": self.learner.version,
+            "skipped_steps": self.learner.skipped_steps,
+            "seconds": round(self.elapsed(), 1),
+            **self.reward_counts(),
+        }
+        atomic_write_text(self.out / "result.json", json.dumps(result, indent=2))
+        self.say(summary(self.cfg, result, self.out))
+        return result
 
-    done = state.step  # steps completed: where a checkpoint taken now would resume
-    try:
-        with StopSignal() as stop, progress_bar(cfg.progress) as bar:
-            task = bar.add_task("train", total=cfg.steps, completed=done, status="")
-            for step in range(state.step, cfg.steps):
-                samples, rollout_stats = runtime.next_batch(step)
-                if recompute is not None:
-                    samples, recompute_stats = recompute.apply(samples)
-                    rollout_stats |= recompute_stats
-                batch = make_batch(samples, tokenizer.pad_token_id, advantage)
-                stats = rollout_metrics(samples, learner.version) | rollout_stats | learner.step(batch)
-                publish(learner.version, learner.weights(), runtime, recompute)
-                if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-                    stats |= {f"test_{k}": v for k, v in evaluate().items()}
-                stats |= reward_counts(rewards) | {
-                    "version": learner.version,
-                    "elapsed": time.perf_counter() - start,
-                }
-                log.log(step, stats)
-                done = step + 1
-                bar.update(task, advance=1, status=f"reward {stats['reward']:.2f}")
-                skips.update(stats["skipped_steps"] > state.skipped_steps)
-                state.skipped_steps = learner.skipped_steps
-                if stop.received:
-                    raise Interrupted(stop.received, done, checkpoint(done))
-                if cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
-                    checkpoint(done)
-    except RunAborted as e:
-        raise RunAborted(f"{e}; checkpoint {checkpoint(done)}") from None
-    finally:
-        runtime.close()
-        rewards.close()
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
 
-    after = evaluate()
-    log.log(cfg.steps, {f"test_{k}": v for k, v in after.items()} | {"version": learner.version})
-    log.close()
-    if cfg.checkpoint_every:
-        checkpoint(cfg.steps)
-    if cfg.save_model:
-        save_model_atomic(model, tokenizer, out / "final")
-    result = {
-        "accuracy_before": before["accuracy"],
-        "accuracy_after": after["accuracy"],
-        "greedy_accuracy_before": before["greedy_accuracy"],
-        "greedy_accuracy_after": after["greedy_accuracy"],
-        "steps": cfg.steps,
-        "version": learner.version,
-        "skipped_steps": learner.skipped_steps,
-        "seconds": round(time.perf_counter() - start, 1),
-        **reward_counts(rewards),
-    }
-    atomic_write_text(out / "result.json", json.dumps(result, indent=2))
-    say(summary(cfg, result, out))
-    return result
-
-
-def publish(version: int, weights: dict, runtime: Runtime, recompute: BehaviourRecompute | None) -> None:
-    runtime.publish(version, weights)
-    if recompute is not None:
-        recompute.store.put(version, weights)
+    def reward_counts(self) -> dict[str, int]:
+        return {"reward_errors": self.rewards.errors, "reward_timeouts": self.rewards.timeouts}
 
 
 def behaviour_recompute(cfg: TrainConfig, model, pad_id: int, lag: int, out) -> BehaviourRecompute:
     """Snapshots of the last lag + 1 versions: exactly the ones a trained sample can come from."""
     store = SnapshotStore(lag + 1, cfg.behaviour.snapshots, out / "snapshots")
     return BehaviourRecompute(copy.deepcopy(model), store, pad_id, cfg.rollout.temperature or 1.0)
-
-
-def reward_counts(rewards: RewardGuard) -> dict[str, int]:
-    return {"reward_errors": rewards.errors, "reward_timeouts": rewards.timeouts}
 
 
 def summary(cfg: TrainConfig, result: dict, out: Path):

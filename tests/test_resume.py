@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ import torch
 import asympo.learner
 from asympo.checkpoint import load_checkpoint
 from asympo.config import TrainConfig
+from asympo.errors import UserError
 from asympo.faults import RunAborted
 from asympo.learner import Learner
 from asympo.models.load import load_policy
@@ -90,13 +92,19 @@ def wait_for_steps(out, n: int, proc: subprocess.Popen, timeout: float = 300) ->
 @pytest.mark.parametrize("mode", ["lag", "async"])
 def test_sigkill_at_a_random_point_then_resume_completes(tmp_path, mode):
     out, rng = tmp_path / "run", random.Random()
-    args = [f"out={out}", f"runtime.mode={mode}", "steps=10", "checkpoint_every=2"]
+    args = [f"out={out}", f"runtime.mode={mode}", "steps=16", "checkpoint_every=2"]
     proc = cli(*args)
     wait_for_steps(out, 1, proc)
     delay = rng.uniform(0, 3)
     time.sleep(delay)
+    assert proc.poll() is None, "finished before the kill: nothing was tested"
+    workers = children(proc.pid)
     proc.kill()  # SIGKILL: no handler runs, a checkpoint may be half written
     proc.wait()
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()], "orphaned child processes"
     resumed = subprocess.run(
         [sys.executable, "-m", "asympo", "train", *SMALL, *args, "resume=true"],
         capture_output=True,
@@ -105,17 +113,32 @@ def test_sigkill_at_a_random_point_then_resume_completes(tmp_path, mode):
     )
     assert resumed.returncode == 0, f"killed after {delay:.2f}s: {resumed.stderr}"
     result = json.loads((out / "result.json").read_text())
-    assert result["steps"] == 10 and result["version"] == 10
-    assert steps_of(out) == list(range(10)), f"killed after {delay:.2f}s"
+    assert result["steps"] == 16 and result["version"] == 16
+    assert steps_of(out) == list(range(16)), f"killed after {delay:.2f}s"
     model, _ = load_policy("tiny")
     learner = Learner(model, TrainConfig().objective, TrainConfig().optim)
     state, _ = load_checkpoint(out / "checkpoints", model, learner.optimizer, learner.scheduler)
-    assert state.step == 10 and state.version == 10
+    assert state.step == 16 and state.version == 16
+    assert state.cursor == 16 * 4 if mode == "lag" else state.cursor >= 16 * 4
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):
+def children(pid: int) -> list[int]:
+    """Child processes of `pid`, read from /proc (rollout workers, the reward helper)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.parametrize("mode", ["lag", "async"])
+def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path, mode):
     out = tmp_path / "run"
-    proc = cli(f"out={out}", "steps=50", "checkpoint_every=0")
+    proc = cli(f"out={out}", "steps=200", "checkpoint_every=0", f"runtime.mode={mode}")
     wait_for_steps(out, 2, proc)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
@@ -146,6 +169,14 @@ def test_a_corrupt_checkpoint_on_resume_is_a_one_line_error_and_nothing_is_delet
     assert len(lines) == 1 and "corrupt" in lines[0] and latest.name in lines[0], proc.stderr
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
     assert (out / "result.json").exists()  # the finished run's files are untouched
+
+
+def test_resume_past_the_requested_steps_is_refused(tmp_path):
+    out = tmp_path / "run"
+    train(config(out, steps=3, checkpoint_every=3), quiet=True)
+    with pytest.raises(UserError, match="step 3, past steps=2"):
+        train(config(out, steps=2, resume=True), quiet=True)
+    assert (out / "checkpoints" / "step-000003").is_dir()
 
 
 def test_a_hanging_reward_times_out_gives_zero_and_the_run_completes(tmp_path, monkeypatch):

@@ -5,12 +5,15 @@ a bounded buffer admits a group only while `learner_version - sample_version <= 
 
 from __future__ import annotations
 
+import contextlib
 import math
+import queue
+import signal
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from multiprocessing.connection import wait
 
 import torch
 import torch.multiprocessing as mp
@@ -25,18 +28,31 @@ Scorer = Callable[[list[tuple[str, str]]], list[float]]
 
 
 class SharedWeights:
-    """The newest published weights, in shared memory: the learner copies in, workers copy out."""
+    """The newest published weights in shared memory, guarded by a sequence counter (a seqlock): the
+    learner, the only writer, makes it odd while copying in; a worker copies out and retries if the
+    counter moved. No lock is held across processes, so a worker killed mid-read blocks nobody."""
 
     def __init__(self, state_dict: dict[str, torch.Tensor], version: int):
         self.tensors = {k: v.detach().clone().share_memory_() for k, v in state_dict.items()}
         self.version = CTX.Value("q", version, lock=False)
-        self.lock = CTX.Lock()
+        self.seq = CTX.Value("q", 0, lock=False)
 
     def publish(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
-        with self.lock, torch.no_grad():
+        self.seq.value += 1
+        with torch.no_grad():
             for name, tensor in self.tensors.items():
                 tensor.copy_(state_dict[name])
-            self.version.value = version
+        self.version.value = version
+        self.seq.value += 1
+
+    def read_into(self, engine) -> None:
+        while True:
+            seq = self.seq.value
+            if seq % 2 == 0:
+                engine.load_weights(self.tensors, self.version.value)
+                if self.seq.value == seq:
+                    return
+            time.sleep(0.001)
 
 
 @dataclass
@@ -47,7 +63,10 @@ class Job:
 
 
 def worker_main(jobs, results, shared: SharedWeights, model: str, rollout: RolloutConfig, opts: dict) -> None:
-    """A rollout worker: take a job, pick up the newest weights, generate, send the groups back."""
+    """A rollout worker: take a job, pick up the newest weights, generate, send the groups back.
+
+    It exits when its job pipe closes, which is also what happens when the trainer dies."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle, with a checkpoint
     torch.set_num_threads(opts["threads"])
     from transformers.utils import logging as hf_logging
 
@@ -57,45 +76,58 @@ def worker_main(jobs, results, shared: SharedWeights, model: str, rollout: Rollo
     hf_logging.disable_progress_bar()
     policy, tokenizer = load_policy(model)
     engine = HFEngine(policy, tokenizer, version=-1, return_logprobs=opts["return_logprobs"])
-    while (job := jobs.get()) is not None:
-        if shared.version.value != engine.version:
-            with shared.lock:
-                engine.load_weights(shared.tensors, shared.version.value)
-        start = time.perf_counter()
-        generator = torch.Generator().manual_seed(job.seed)
-        prompts = [p.prompt for p in job.problems]
-        groups = engine.generate(prompts, rollout.group_size, rollout, generator)
-        results.put((job.id, groups, time.perf_counter() - start))
+    try:
+        while (job := jobs.recv()) is not None:
+            if shared.version.value != engine.version:
+                shared.read_into(engine)
+            start = time.perf_counter()
+            generator = torch.Generator().manual_seed(job.seed)
+            prompts = [p.prompt for p in job.problems]
+            groups = engine.generate(prompts, rollout.group_size, rollout, generator)
+            results.send((job.id, groups, time.perf_counter() - start))
+    except (EOFError, BrokenPipeError):
+        return
 
 
 class Worker:
-    """One rollout process with its own job and result queues, so killing it corrupts nothing shared."""
+    """One rollout process with its own pipes; a thread here drains its results into the runtime's inbox,
+    so the worker never blocks on a full pipe while the learner trains, and its death reads as EOF."""
 
     def __init__(self, index: int, runtime: AsyncRuntime):
-        self.jobs, self.results = CTX.Queue(), CTX.Queue()
+        job_reader, self.jobs = CTX.Pipe(duplex=False)
+        self.results, result_writer = CTX.Pipe(duplex=False)
         self.in_flight: dict[int, Job] = {}
         self.process = CTX.Process(
             target=worker_main,
-            args=(self.jobs, self.results, runtime.shared, runtime.model, runtime.rollout, runtime.opts),
+            args=(job_reader, result_writer, runtime.shared, runtime.model, runtime.rollout, runtime.opts),
             name=f"asympo-rollout-{index}",
             daemon=True,
         )
         self.process.start()
+        job_reader.close()  # only the child's copies stay open: its death closes the pipes
+        result_writer.close()
+        self.receiver = threading.Thread(target=self._receive, args=(runtime.inbox,), daemon=True)
+        self.receiver.start()
+
+    def _receive(self, inbox: queue.Queue) -> None:
+        while True:
+            try:
+                inbox.put((self, *self.results.recv()))
+            except (EOFError, OSError):  # the worker exited or died, perhaps mid-message
+                return
 
     def send(self, job: Job) -> None:
         self.in_flight[job.id] = job
-        self.jobs.put(job)
+        with contextlib.suppress(OSError):  # it just died: the next check restarts it, counts the job lost
+            self.jobs.send(job)
 
     def stop(self) -> None:
-        if self.process.is_alive():
-            self.jobs.put(None)
-            self.process.join(timeout=5)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join()
-        for q in (self.jobs, self.results):
-            q.cancel_join_thread()
-            q.close()
+        """Results still in flight are not needed: stop at once rather than wait for queued jobs."""
+        self.process.kill()
+        self.process.join()
+        self.jobs.close()
+        self.receiver.join(timeout=5)
+        self.results.close()
 
 
 class AsyncRuntime:
@@ -127,9 +159,10 @@ class AsyncRuntime:
         self.learner_version = version
         self.job_prompts = math.ceil(rollout.prompts_per_step / workers)
         self.buffer: deque[list[Sample]] = deque()  # groups, oldest first
+        self.inbox: queue.Queue = queue.Queue()  # (worker, job id, groups, generation seconds)
         self.capacity = 2 * rollout.prompts_per_step + workers * jobs_per_worker * self.job_prompts
         self.cursor, self.next_job = 0, 0
-        self.counts = {"dropped_stale": 0, "worker_restarts": 0, "lost_jobs": 0, "reward_errors": 0}
+        self.counts = {"dropped_stale": 0, "worker_restarts": 0, "lost_jobs": 0}
         self.busy_time, self.last_return = 0.0, None
         self.workers = [Worker(i, self) for i in range(workers)]
 
@@ -145,8 +178,10 @@ class AsyncRuntime:
             self._evict_stale()
             if len(self.buffer) >= self.rollout.prompts_per_step:
                 break
-            queues = [w.results._reader for w in self.workers]  # noqa: SLF001 - wait on the pipe itself
-            wait(queues + [w.process.sentinel for w in self.workers], timeout=1.0)
+            try:
+                self._admit(*self.inbox.get(timeout=0.5))
+            except queue.Empty:
+                continue
             self._collect()
         groups = [self.buffer.popleft() for _ in range(self.rollout.prompts_per_step)]
         samples = []
@@ -177,8 +212,9 @@ class AsyncRuntime:
         for worker in self.workers:
             while len(worker.in_flight) < self.depth and self._room():
                 problems = [next(self.problems) for _ in range(self.job_prompts)]
+                seed = self.seed * 1_000_003 + self.cursor  # the cursor survives a resume: no repeated noise
                 self.cursor += len(problems)
-                worker.send(Job(self.next_job, problems, self.seed * 1_000_003 + self.next_job))
+                worker.send(Job(self.next_job, problems, seed))
                 self.next_job += 1
 
     def _room(self) -> bool:
@@ -186,17 +222,15 @@ class AsyncRuntime:
         return len(self.buffer) + pending + self.job_prompts <= self.capacity
 
     def _collect(self) -> None:
-        for worker in self.workers:
-            while not worker.results.empty():
-                try:
-                    job_id, groups, busy = worker.results.get(timeout=1.0)
-                except Exception:  # the worker died mid-send: its jobs are counted lost on revive
-                    break
-                job = worker.in_flight.pop(job_id)
-                self.busy_time += busy
-                self._admit(job, groups)
+        while True:
+            try:
+                self._admit(*self.inbox.get_nowait())
+            except queue.Empty:
+                return
 
-    def _admit(self, job: Job, groups: list[list[Sample]]) -> None:
+    def _admit(self, worker: Worker, job_id: int, groups: list[list[Sample]], busy: float) -> None:
+        job = worker.in_flight.pop(job_id)
+        self.busy_time += busy
         items = [(s.text, p.answer) for p, group in zip(job.problems, groups, strict=True) for s in group]
         rewards = iter(self.score(items))
         for problem, group in zip(job.problems, groups, strict=True):
@@ -214,7 +248,8 @@ class AsyncRuntime:
         for i, worker in enumerate(self.workers):
             if worker.process.is_alive():
                 continue
-            self._collect()  # keep whatever it finished before dying
+            worker.receiver.join(timeout=5)  # its last complete results are in the inbox now
+            self._collect()
             self.counts["worker_restarts"] += 1
             self.counts["lost_jobs"] += len(worker.in_flight)
             worker.stop()
