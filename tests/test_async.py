@@ -117,3 +117,29 @@ def test_async_train_end_to_end_logs_async_metrics(tmp_path):
     for m in steps:
         assert set(m["staleness_hist"]) <= {"0", "1", "2"}
         assert {"buffer_groups", "worker_busy", "learner_busy", "dropped_stale", "worker_restarts"} <= set(m)
+
+
+def test_async_with_learner_recomputed_behaviour_logprobs(tmp_path):
+    """grpo in async with an engine that returns no log-probs: the learner scores each sample under the
+    snapshot of its own version; no sample is dropped, since the store covers max_staleness + 1 versions."""
+    cfg = TrainConfig.model_validate(
+        {
+            "runtime": {"mode": "async", "max_staleness": 1},
+            "objective": {"name": "grpo"},
+            "behaviour": {"source": "learner"},
+            "rollout": {"prompts_per_step": 4, "group_size": 4},
+            "task": {"test_size": 20},
+            "steps": 5,
+            "eval_every": 0,
+            "eval_samples": 1,
+            "progress": False,
+            "save_model": False,
+            "out": str(tmp_path / "run"),
+        }
+    )
+    assert train(cfg, quiet=True)["version"] == 5
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in lines if "reward" in m]
+    assert all(m["behaviour_dropped"] == 0 for m in steps)
+    assert any(m["staleness_mean"] > 0 for m in steps)  # stale samples were really corrected
+    assert all(m["loss"] is not None for m in steps)
