@@ -12,7 +12,7 @@ import sys
 from asympo.errors import UserError
 
 COMMANDS = {
-    "train": "run RL post-training (default: tiny model, built-in task, asympo at lag 2)",
+    "train": "run RL post-training (default: tiny model, built-in task, asympo, async runtime)",
     "sft": "warm-start the tiny model by supervised fine-tuning on the built-in task",
     "eval": "held-out greedy accuracy, pass@1 and pass@k of a model",
     "study": "the staleness study: objectives x staleness k x seeds, with a table and plots",

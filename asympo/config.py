@@ -41,7 +41,7 @@ class OptimConfig(Strict):
 
 
 class RuntimeConfig(Strict):
-    mode: Literal["sync", "lag", "async"] = "lag"
+    mode: Literal["sync", "lag", "async"] = "async"  # lag is the deterministic one, for studies
     lag: int = Field(2, ge=0)  # lag mode: rollouts use the weights of exactly this many versions ago
     max_staleness: int = Field(2, ge=0)  # async: a group older than this many versions is dropped
     workers: int = Field(1, ge=1)  # async: rollout worker processes

@@ -38,7 +38,7 @@ def test_bad_input_is_one_line_exit_2_no_traceback(args, message, tmp_path):
 
 def test_train_end_to_end_writes_metrics_result_and_model(tmp_path):
     out = tmp_path / "run"
-    result = asympo("train", "steps=3", "eval_every=2", f"out={out}", *FAST)
+    result = asympo("train", "runtime.mode=lag", "steps=3", "eval_every=2", f"out={out}", *FAST)
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [0, 1, 2, 3]

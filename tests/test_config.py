@@ -9,7 +9,12 @@ from asympo.errors import UserError
 
 def test_defaults_are_the_documented_default_run():
     cfg = build_config(TrainConfig)
-    assert (cfg.model, cfg.objective.name, cfg.runtime.mode, cfg.runtime.lag) == ("tiny", "asympo", "lag", 2)
+    assert (cfg.model, cfg.objective.name, cfg.runtime.mode, cfg.runtime.lag) == (
+        "tiny",
+        "asympo",
+        "async",
+        2,
+    )
 
 
 def test_yaml_then_overrides_dotted_leaf_and_section_shorthand(tmp_path):

@@ -80,7 +80,14 @@ def test_recompute_scores_each_sample_under_its_own_version_and_drops_evicted_on
 
 def run(tmp_path, source: str, compare: bool) -> tuple[list[dict], dict]:
     out = tmp_path / source
-    overrides = ["objective=grpo", "steps=4", "prompts_per_step=8", "eval_every=0", "eval_samples=1"]
+    overrides = [
+        "runtime.mode=lag",
+        "objective=grpo",
+        "steps=4",
+        "prompts_per_step=8",
+        "eval_every=0",
+        "eval_samples=1",
+    ]
     overrides += [
         "progress=false",
         f"out={out}",

@@ -37,6 +37,7 @@ TIMING = {"elapsed", "learn_time", "rollout_time", "rollout_tokens_per_s", "wait
 
 def config(out, **extra) -> TrainConfig:
     data = {
+        "runtime": {"mode": "lag"},
         "rollout": {"prompts_per_step": 4, "group_size": 4},
         "task": {"test_size": 20},
         "eval_samples": 1,

@@ -160,10 +160,12 @@ class AsyncRuntime:
         self.job_prompts = math.ceil(rollout.prompts_per_step / workers)
         self.buffer: deque[list[Sample]] = deque()  # groups, oldest first
         self.inbox: queue.Queue = queue.Queue()  # (worker, job id, groups, generation seconds)
-        self.capacity = 2 * rollout.prompts_per_step + workers * jobs_per_worker * self.job_prompts
+        # Generated or generating, at most two batches ahead of the learner: one waiting in the buffer and
+        # one on the way. More would only go stale and be dropped when the learner is the slower side.
+        self.capacity = 2 * rollout.prompts_per_step
         self.cursor, self.next_job = 0, 0
         self.counts = {"dropped_stale": 0, "worker_restarts": 0, "lost_jobs": 0}
-        self.busy_time, self.last_return = 0.0, None
+        self.busy_time, self.tokens, self.last_return = 0.0, 0, None
         self.workers = [Worker(i, self) for i in range(workers)]
 
     def publish(self, version: int, weights: dict[str, torch.Tensor]) -> None:
@@ -198,8 +200,10 @@ class AsyncRuntime:
         interval = now - self.last_return if self.last_return is not None else now - entered
         learner_busy = (entered - self.last_return) / interval if self.last_return is not None else 0.0
         worker_busy = self.busy_time / (interval * len(self.workers)) if interval > 0 else 0.0
-        self.busy_time = 0.0
+        tokens_per_s = self.tokens / self.busy_time if self.busy_time > 0 else float("nan")
+        self.busy_time, self.tokens = 0.0, 0
         return {
+            "rollout_tokens_per_s": tokens_per_s,  # per worker, while generating
             "buffer_groups": len(self.buffer),
             "learner_busy": learner_busy,
             "worker_busy": min(worker_busy, 1.0),
@@ -231,6 +235,7 @@ class AsyncRuntime:
     def _admit(self, worker: Worker, job_id: int, groups: list[list[Sample]], busy: float) -> None:
         job = worker.in_flight.pop(job_id)
         self.busy_time += busy
+        self.tokens += sum(len(s.response_ids) for group in groups for s in group)
         items = [(s.text, p.answer) for p, group in zip(job.problems, groups, strict=True) for s in group]
         rewards = iter(self.score(items))
         for problem, group in zip(job.problems, groups, strict=True):
