@@ -95,24 +95,27 @@ def test_past_the_restart_limit_the_runtime_aborts_with_a_message():
         runtime.close()
 
 
+def async_run(out, steps: int, **extra) -> list[dict]:
+    """A small async training run; returns its per-step metrics."""
+    data = {
+        "runtime": {"mode": "async", "max_staleness": 2},
+        "rollout": {"prompts_per_step": 4, "group_size": 4},
+        "task": {"test_size": 20},
+        "steps": steps,
+        "eval_every": 0,
+        "eval_samples": 1,
+        "progress": False,
+        "save_model": False,
+        "out": str(out),
+    }
+    result = train(TrainConfig.model_validate(data | extra), quiet=True)
+    assert result["version"] == steps
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [m for m in lines if "reward" in m]
+
+
 def test_async_train_end_to_end_logs_async_metrics(tmp_path):
-    cfg = TrainConfig.model_validate(
-        {
-            "runtime": {"mode": "async", "max_staleness": 2},
-            "rollout": {"prompts_per_step": 4, "group_size": 4},
-            "task": {"test_size": 20},
-            "steps": 6,
-            "eval_every": 0,
-            "eval_samples": 1,
-            "progress": False,
-            "save_model": False,
-            "out": str(tmp_path / "run"),
-        }
-    )
-    result = train(cfg, quiet=True)
-    assert result["version"] == 6
-    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    steps = [m for m in lines if "reward" in m]
+    steps = async_run(tmp_path / "run", 6)
     assert [m["step"] for m in steps] == list(range(6))
     for m in steps:
         assert set(m["staleness_hist"]) <= {"0", "1", "2"}
@@ -122,24 +125,13 @@ def test_async_train_end_to_end_logs_async_metrics(tmp_path):
 def test_async_with_learner_recomputed_behaviour_logprobs(tmp_path):
     """grpo in async with an engine that returns no log-probs: the learner scores each sample under the
     snapshot of its own version; no sample is dropped, since the store covers max_staleness + 1 versions."""
-    cfg = TrainConfig.model_validate(
-        {
-            "runtime": {"mode": "async", "max_staleness": 1},
-            "objective": {"name": "grpo"},
-            "behaviour": {"source": "learner"},
-            "rollout": {"prompts_per_step": 4, "group_size": 4},
-            "task": {"test_size": 20},
-            "steps": 5,
-            "eval_every": 0,
-            "eval_samples": 1,
-            "progress": False,
-            "save_model": False,
-            "out": str(tmp_path / "run"),
-        }
+    steps = async_run(
+        tmp_path / "run",
+        5,
+        runtime={"mode": "async", "max_staleness": 1},
+        objective={"name": "grpo"},
+        behaviour={"source": "learner"},
     )
-    assert train(cfg, quiet=True)["version"] == 5
-    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    steps = [m for m in lines if "reward" in m]
     assert all(m["behaviour_dropped"] == 0 for m in steps)
     assert any(m["staleness_mean"] > 0 for m in steps)  # stale samples were really corrected
     assert all(m["loss"] is not None for m in steps)
