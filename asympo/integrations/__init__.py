@@ -1,0 +1,1 @@
+"""Adapters that run asympo's objectives inside other training frameworks (optional extras)."""
