@@ -93,10 +93,11 @@ def wait_for_steps(out, n: int, proc: subprocess.Popen, timeout: float = 300) ->
 @pytest.mark.parametrize("mode", ["lag", "async"])
 def test_sigkill_at_a_random_point_then_resume_completes(tmp_path, mode):
     out, rng = tmp_path / "run", random.Random()
-    args = [f"out={out}", f"runtime.mode={mode}", "steps=16", "checkpoint_every=2"]
+    args = [f"out={out}", f"runtime.mode={mode}", "steps=60", "checkpoint_every=2"]
     proc = cli(*args)
-    wait_for_steps(out, 1, proc)
-    delay = rng.uniform(0, 3)
+    kill_at = rng.randint(1, 20)  # a random step, then a random instant within it
+    wait_for_steps(out, kill_at, proc)
+    delay = rng.uniform(0, 0.2)
     time.sleep(delay)
     assert proc.poll() is None, "finished before the kill: nothing was tested"
     workers = children(proc.pid)
@@ -112,15 +113,15 @@ def test_sigkill_at_a_random_point_then_resume_completes(tmp_path, mode):
         text=True,
         timeout=600,
     )
-    assert resumed.returncode == 0, f"killed after {delay:.2f}s: {resumed.stderr}"
+    assert resumed.returncode == 0, f"killed at step {kill_at} + {delay:.2f}s: {resumed.stderr}"
     result = json.loads((out / "result.json").read_text())
-    assert result["steps"] == 16 and result["version"] == 16
-    assert steps_of(out) == list(range(16)), f"killed after {delay:.2f}s"
+    assert result["steps"] == 60 and result["version"] == 60
+    assert steps_of(out) == list(range(60)), f"killed at step {kill_at} + {delay:.2f}s"
     model, _ = load_policy("tiny")
     learner = Learner(model, TrainConfig().objective, TrainConfig().optim)
     state, _ = load_checkpoint(out / "checkpoints", model, learner.optimizer, learner.scheduler)
-    assert state.step == 16 and state.version == 16
-    assert state.cursor == 16 * 4 if mode == "lag" else state.cursor >= 16 * 4
+    assert state.step == 60 and state.version == 60
+    assert state.cursor == 60 * 4 if mode == "lag" else state.cursor >= 60 * 4
 
 
 def children(pid: int) -> list[int]:
