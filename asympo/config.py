@@ -12,6 +12,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from asympo.data.prompts import PromptConfig
 from asympo.data.tasks import TaskConfig
 from asympo.errors import UserError
 from asympo.models.tiny import TinyModelConfig
@@ -38,6 +39,7 @@ class OptimConfig(Strict):
     warmup_steps: int = Field(20, ge=0)  # linear lr warmup: Adam's first updates are sign-like and large
     grad_clip: float = Field(1.0, gt=0)  # the same for every objective, so comparisons stay fair
     micro_batch_size: int = Field(128, ge=1)  # responses per forward/backward; groups are never split
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
 
 
 class RuntimeConfig(Strict):
@@ -65,15 +67,16 @@ class BehaviourConfig(Strict):
 
 
 class TrainConfig(Strict):
-    model: str = "tiny"  # "tiny" (the built-in warm start), "tiny-random", or a local transformers folder
+    model: str = "tiny"  # tiny, tiny-random, smollm2, a model folder, a .gguf file or a hub id
     task: TaskConfig = TaskConfig()
+    prompt: PromptConfig = PromptConfig()
     rollout: RolloutConfig = RolloutConfig()
     objective: ObjectiveConfig = ObjectiveConfig()
     optim: OptimConfig = OptimConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     behaviour: BehaviourConfig = BehaviourConfig()
     faults: FaultsConfig = FaultsConfig()
-    reward: str = "exact"  # "exact", or a custom reward "package.module:function" (text, answer) -> float
+    reward: str = "exact"  # exact, math, math-lenient, math-format, or "package.module:function"
     steps: int = Field(200, ge=0)
     seed: int = 0
     eval_every: int = Field(50, ge=0)  # 0: only before and after
@@ -146,9 +149,14 @@ class StudyConfig(Strict):
 class EvalConfig(Strict):
     model: str = "tiny"
     task: TaskConfig = TaskConfig()
-    k: int = Field(8, ge=1)  # samples per problem for pass@k / sampled pass@1
+    prompt: PromptConfig = PromptConfig()
+    reward: str = "exact"  # as in train: a response is correct when its reward is at least 1
+    reward_timeout: float = Field(5.0, gt=0)
+    k: int = Field(8, ge=1)  # samples per problem for pass@k, avg@k and sampled pass@1
     temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(8, ge=1)
+    greedy: bool = True  # also greedy accuracy (one more pass over the problems)
     seed: int = 0
     json_out: str | None = None
     progress: bool = True
@@ -205,12 +213,23 @@ def apply_override(data: dict[str, Any], model: type[BaseModel], item: str) -> N
     node[leaf] = value
 
 
+PRESETS = Path(__file__).resolve().parent / "configs"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS.glob("*.yaml"))
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML file, or a preset by name (`smollm2-arith`: asympo/configs/smollm2-arith.yaml)."""
     path = Path(path)
+    if not path.exists() and str(path) == path.name and (PRESETS / f"{path}.yaml").exists():
+        path = PRESETS / f"{path}.yaml"
     try:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise UserError(f"config file not found: {path}") from None
+        presets = ", ".join(preset_names())
+        raise UserError(f"config file not found: {path} (presets: {presets})") from None
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read config file {path}: {e}") from None
     except yaml.YAMLError as e:

@@ -1,30 +1,46 @@
-"""`asympo eval`: held-out greedy accuracy, sampled pass@1 and pass@k of any model on the built-in task."""
+"""`asympo eval`: pass@1, pass@k, avg@k, boxed-rate, mean length and greedy accuracy of any model on any
+task (the built-in arithmetic, a file or a dataset), with a progress bar; the result also as JSON."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from asympo.config import EvalConfig
-from asympo.data.tasks import held_out_problems
-from asympo.evaluate import greedy_accuracy, sampled_pass_at_k
-from asympo.io import atomic_write_text
-from asympo.metrics import console
+from asympo.data.prompts import Prompter
+from asympo.data.source import Task
+from asympo.evaluate import greedy_accuracy, sampled_metrics, tally
+from asympo.io import atomic_write_text, ensure_writable_dir
+from asympo.metrics import progress_bar
 from asympo.models.load import load_policy
+from asympo.rewards.guard import RewardGuard
 from asympo.rollout.base import SamplingConfig
 from asympo.rollout.hf import HFEngine
 
 
 def run_eval(cfg: EvalConfig) -> dict:
-    import json
-
+    if cfg.json_out:  # an unwritable destination fails now, not after the whole evaluation
+        ensure_writable_dir(Path(cfg.json_out).parent)
     model, tokenizer = load_policy(cfg.model)
-    engine = HFEngine(model, tokenizer)
-    problems = held_out_problems(cfg.task)
-    with console.status(f"evaluating {len(problems)} held-out problems"):
-        result = {"model": cfg.model, "problems": len(problems)}
-        result["greedy_accuracy"] = greedy_accuracy(engine, problems, cfg.max_new_tokens)
-        sampling = SamplingConfig(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
-        result |= sampled_pass_at_k(engine, problems, cfg.k, sampling, cfg.seed)
+    task = Task(cfg.task, Prompter(cfg.prompt, tokenizer))
+    problems = task.held_out()
+    engine = HFEngine(model, tokenizer, return_logprobs=False)
+    sampling = SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens)
+    result: dict = {"model": cfg.model, "task": cfg.task.name, "problems": len(problems), "k": cfg.k}
+    with RewardGuard(cfg.reward, cfg.reward_timeout) as guard, progress_bar(cfg.progress) as bar:
+        job = bar.add_task("eval", total=len(problems), status=f"{cfg.k} samples each")
+        counts = tally(
+            engine, problems, cfg.k, sampling, cfg.seed, guard.score, advance=lambda n: bar.advance(job, n)
+        )
+        result |= sampled_metrics(counts, cfg.k)
+        if cfg.greedy:
+            bar.update(job, status="greedy")
+            result["greedy_accuracy"] = greedy_accuracy(engine, problems, cfg.max_new_tokens, guard.score)
+        result |= {
+            "reward_errors": guard.errors,
+            "reward_timeouts": guard.timeouts,
+            "skipped_rows": task.skipped,
+        }
     if cfg.json_out:
         atomic_write_text(Path(cfg.json_out), json.dumps(result, indent=2))
     return result

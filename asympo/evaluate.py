@@ -1,15 +1,28 @@
-"""Held-out evaluation: greedy accuracy, and sampled pass@1 / pass@k."""
+"""Held-out evaluation: sampled pass@1 / pass@k / avg@k, greedy accuracy, boxed-rate and mean length.
+
+A response counts as correct when its reward is at least 1 (exact and math rewards give 1 for a correct
+answer; a format bonus on top does not make a wrong answer correct). avg@k is the mean reward itself.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from math import comb
 
 import torch
 
 from asympo.data.tasks import Problem
+from asympo.rewards.answers import last_boxed
 from asympo.rewards.exact import exact_match
 from asympo.rollout.base import SamplingConfig
 from asympo.rollout.hf import HFEngine
+
+Scorer = Callable[[list[tuple[str, str]]], list[float]]
+
+
+def score_exact(items: list[tuple[str, str]]) -> list[float]:
+    return [exact_match(text, answer) for text, answer in items]
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -19,53 +32,77 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - comb(n - c, k) / comb(n, k)
 
 
-def _correct_counts(
-    engine: HFEngine, problems: list[Problem], n: int, sampling: SamplingConfig, seed: int, chunk: int
-) -> list[int]:
-    counts = []
+@dataclass
+class Tally:
+    """Per-problem counts over its samples, plus response-level sums."""
+
+    correct: list[int] = field(default_factory=list)
+    reward_sum: float = 0.0
+    boxed: int = 0
+    tokens: int = 0
+    responses: int = 0
+
+
+def tally(
+    engine: HFEngine,
+    problems: list[Problem],
+    n: int,
+    sampling: SamplingConfig,
+    seed: int = 0,
+    score: Scorer = score_exact,
+    chunk: int = 256,
+    advance: Callable[[int], None] = lambda _: None,
+) -> Tally:
+    out = Tally()
     generator = torch.Generator().manual_seed(seed)
     per_chunk = max(1, chunk // n)
     for i in range(0, len(problems), per_chunk):
         part = problems[i : i + per_chunk]
         groups = engine.generate([p.prompt for p in part], n, sampling, generator)
-        counts += [
-            int(sum(exact_match(s.text, p.answer) for s in g)) for p, g in zip(part, groups, strict=True)
-        ]
-    return counts
+        rewards = iter(score([(s.text, p.answer) for p, g in zip(part, groups, strict=True) for s in g]))
+        for group in groups:
+            values = [next(rewards) for _ in group]
+            out.correct.append(sum(v >= 1.0 for v in values))
+            out.reward_sum += sum(values)
+            out.boxed += sum(last_boxed(s.text) is not None for s in group)
+            out.tokens += sum(len(s.response_ids) for s in group)
+            out.responses += len(group)
+        advance(len(part))
+    return out
 
 
 def greedy_accuracy(
-    engine: HFEngine, problems: list[Problem], max_new_tokens: int, chunk: int = 256
+    engine: HFEngine, problems: list[Problem], max_new_tokens: int, score: Scorer = score_exact
 ) -> float:
     sampling = SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens)
-    counts = _correct_counts(engine, problems, 1, sampling, 0, chunk)
-    return sum(counts) / len(problems)
+    return sum(tally(engine, problems, 1, sampling, score=score).correct) / len(problems)
 
 
-def sampled_pass_at_k(
-    engine: HFEngine,
-    problems: list[Problem],
-    k: int,
-    sampling: SamplingConfig,
-    seed: int = 0,
-    chunk: int = 256,
-) -> dict[str, float]:
-    counts = _correct_counts(engine, problems, k, sampling, seed, chunk)
+def sampled_metrics(t: Tally, k: int) -> dict[str, float]:
+    problems = len(t.correct)
     return {
-        "pass@1": sum(pass_at_k(k, c, 1) for c in counts) / len(problems),
-        f"pass@{k}": sum(pass_at_k(k, c, k) for c in counts) / len(problems),
+        "pass@1": sum(pass_at_k(k, c, 1) for c in t.correct) / problems,
+        f"pass@{k}": sum(pass_at_k(k, c, k) for c in t.correct) / problems,
+        f"avg@{k}": t.reward_sum / t.responses,
+        "boxed_rate": t.boxed / t.responses,
+        "mean_length": t.tokens / t.responses,
     }
 
 
 def held_out_accuracy(
-    engine: HFEngine, problems: list[Problem], samples: int, sampling: SamplingConfig, seed: int = 0
+    engine: HFEngine,
+    problems: list[Problem],
+    samples: int,
+    sampling: SamplingConfig,
+    seed: int = 0,
+    score: Scorer = score_exact,
 ) -> dict[str, float]:
     """The headline metric is sampled pass@1 at the training temperature: it is what RL optimises, and it
     moves smoothly. Greedy accuracy of a tiny model jumps by many points between nearby weights, so it is
     reported alongside, not instead."""
-    sampled = sampled_pass_at_k(engine, problems, samples, sampling, seed)
+    sampled = sampled_metrics(tally(engine, problems, samples, sampling, seed, score), samples)
     return {
         "accuracy": sampled["pass@1"],
         f"pass@{samples}": sampled[f"pass@{samples}"],
-        "greedy_accuracy": greedy_accuracy(engine, problems, sampling.max_new_tokens),
+        "greedy_accuracy": greedy_accuracy(engine, problems, sampling.max_new_tokens, score),
     }

@@ -10,20 +10,11 @@ from transformers import PreTrainedModel
 
 from asympo.batch import TrainBatch, micro_batches
 from asympo.config import OptimConfig
+from asympo.logprobs import token_logprobs
 from asympo.objectives import compute_loss, get_objective
 from asympo.objectives.common import LossInputs, ObjectiveConfig, masked
 
 SUMMED = ("loss", "loss_pos", "loss_neg")  # contributions are normalised over the whole batch: they add up
-
-
-def token_logprobs(
-    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0
-) -> torch.Tensor:
-    """log pi(token t+1 | tokens <= t) for every position: [B, L-1]."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
-    if temperature not in (0.0, 1.0):
-        logits = logits / temperature
-    return torch.log_softmax(logits, -1).gather(-1, input_ids[:, 1:, None])[..., 0]
 
 
 def nll_split(nll: torch.Tensor, advantages: torch.Tensor) -> dict[str, float]:
@@ -63,6 +54,8 @@ class Learner:
         )
         self.version = 0
         self.skipped_steps = 0
+        if optim.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def weights(self) -> dict[str, torch.Tensor]:
         """A detached CPU copy to publish to rollout engines."""
@@ -70,6 +63,7 @@ class Learner:
 
     def step(self, batch: TrainBatch) -> dict[str, float]:
         start = time.perf_counter()
+        self.model.train()  # evaluation may have switched it to eval mode, which turns off checkpointing
         total_responses, total_tokens = len(batch), int(batch.response_mask.sum())
         metrics: dict[str, float] = {}
         nll, adv = [], []
@@ -78,8 +72,12 @@ class Learner:
             proximal = None
             if self.spec.needs_proximal:  # AReaL's proximal policy: these weights, before this step's update
                 with torch.no_grad():
-                    proximal = token_logprobs(self.model, mb.input_ids, mb.attention_mask, self.temperature)
-            logprobs = token_logprobs(self.model, mb.input_ids, mb.attention_mask, self.temperature)
+                    proximal = token_logprobs(
+                        self.model, mb.input_ids, mb.attention_mask, self.temperature, mb.response_mask
+                    )
+            logprobs = token_logprobs(
+                self.model, mb.input_ids, mb.attention_mask, self.temperature, mb.response_mask
+            )
             loss, mb_metrics = compute_loss(
                 LossInputs(
                     logprobs=logprobs,

@@ -15,6 +15,7 @@ import torch
 
 from asympo.config import SFTConfig
 from asympo.data.tasks import Problem, held_out_problems, train_stream
+from asympo.errors import UserError
 from asympo.evaluate import held_out_accuracy
 from asympo.io import atomic_write_text, ensure_writable_dir, save_model_atomic
 from asympo.metrics import console, progress_bar
@@ -48,6 +49,8 @@ def lr_at(step: int, cfg: SFTConfig) -> float:
 
 
 def run_sft(cfg: SFTConfig) -> dict:
+    if cfg.task.name != "arith":
+        raise UserError("asympo sft warm-starts the tiny model on the built-in arithmetic task: task=arith")
     out = ensure_writable_dir(Path(cfg.out).parent) / Path(cfg.out).name
     random.seed(cfg.seed)
     tokenizer = build_tokenizer()

@@ -12,7 +12,8 @@ import torch
 from asympo.batch import make_batch
 from asympo.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from asympo.config import TrainConfig
-from asympo.data.tasks import held_out_problems
+from asympo.data.prompts import Prompter
+from asympo.data.source import Task
 from asympo.errors import UserError
 from asympo.evaluate import held_out_accuracy
 from asympo.faults import Interrupted, RunAborted, SkipGuard, StopSignal
@@ -44,10 +45,20 @@ class Trainer:
         self.learner = Learner(self.model, cfg.objective, cfg.optim, temperature, cfg.rollout.max_new_tokens)
         self.state, history, self.resumed = self.restore()
         atomic_write_text(self.out / "config.json", cfg.model_dump_json(indent=2))
-        self.held_out = held_out_problems(cfg.task)  # bad task settings fail before any process starts
+        self.task = Task(cfg.task, Prompter(cfg.prompt, self.tokenizer))  # bad data fails before any
+        self.held_out = self.task.held_out()  # process starts
+        if self.task.skipped:
+            self.say(f"skipped {self.task.skipped} bad rows of {cfg.task.name}")
         self.rewards = RewardGuard(cfg.reward, cfg.faults.reward_timeout)
+        problems = self.task.train(cfg.seed, start=self.state.cursor)
         self.runtime = build_runtime(
-            cfg, self.model, self.tokenizer, self.learner.version, self.state.cursor, self.rewards.score
+            cfg,
+            self.model,
+            self.tokenizer,
+            self.learner.version,
+            problems,
+            self.state.cursor,
+            self.rewards.score,
         )
         self.recompute = None
         if cfg.behaviour.source == "learner":
@@ -86,7 +97,10 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         cfg = self.cfg
-        return held_out_accuracy(self.eval_engine, self.held_out, cfg.eval_samples, cfg.rollout, cfg.seed)
+        self.model.eval()
+        return held_out_accuracy(
+            self.eval_engine, self.held_out, cfg.eval_samples, cfg.rollout, cfg.seed, self.rewards.score
+        )
 
     def checkpoint(self, step: int) -> Path:
         learner, state = self.learner, self.state
@@ -102,21 +116,23 @@ class Trainer:
     def run(self) -> dict:
         cfg = self.cfg
         try:
-            before = self.state.counters.get("before") or self.evaluate()
-            self.state.counters["before"] = before
-            self.say(
-                f"held-out accuracy before: {before['accuracy']:.1%} sampled pass@1, "
-                f"{before['greedy_accuracy']:.1%} greedy  ({cfg.objective.name}, {cfg.runtime.mode})"
-            )
-            self.log = MetricsLog(self.out, cfg.tensorboard, self.state.step if self.resumed else None)
-            self.start = time.perf_counter()
-            self.loop()
-            if cfg.checkpoint_every:
-                self.checkpoint(cfg.steps)
+            try:
+                before = self.state.counters.get("before") or self.evaluate()
+                self.state.counters["before"] = before
+                self.say(
+                    f"held-out accuracy before: {before['accuracy']:.1%} sampled pass@1, "
+                    f"{before['greedy_accuracy']:.1%} greedy  ({cfg.objective.name}, {cfg.runtime.mode})"
+                )
+                self.log = MetricsLog(self.out, cfg.tensorboard, self.state.step if self.resumed else None)
+                self.start = time.perf_counter()
+                self.loop()
+                if cfg.checkpoint_every:
+                    self.checkpoint(cfg.steps)
+            finally:
+                self.runtime.close()
+            return self.finish(before)
         finally:
-            self.runtime.close()
             self.rewards.close()
-        return self.finish(before)
 
     def loop(self) -> None:
         cfg, learner, done = self.cfg, self.learner, self.state.step  # done: where a checkpoint resumes

@@ -21,7 +21,7 @@ def asympo(*args: str, cwd=None) -> subprocess.CompletedProcess:
         (["train", "nope=1"], "unknown config key 'nope'"),
         (["train", "optim.lr=abc"], "optim.lr"),
         (["train", "--config", "missing.yaml"], "config file not found"),
-        (["train", "model=/no/such/folder"], "not 'tiny', 'tiny-random' or a local model folder"),
+        (["train", "model=/no/such/folder"], "a model folder, a .gguf file or a hub id"),
         (["train", "out=/proc/asympo-forbidden"], "not writable"),
         (["train", "objective=grpo_typo"], "grpo_typo"),
         (["eval", "k=0"], "config k"),
@@ -82,3 +82,45 @@ def test_sft_then_eval_on_its_output(tmp_path):
     assert set(printed) >= {"greedy_accuracy", "pass@1", "pass@3"}
     assert printed == json.loads((tmp_path / "e.json").read_text())
     assert printed["pass@1"] <= printed["pass@3"]
+
+
+def arith_jsonl(path, n=300):
+    import random
+
+    rng = random.Random(0)
+    rows = [(rng.randint(10, 99), rng.randint(10, 99)) for _ in range(n)]
+    path.write_text("".join(json.dumps({"question": f"{a}+{b}=", "answer": a + b}) + "\n" for a, b in rows))
+    return path
+
+
+def test_eval_on_a_dataset_file_reports_every_metric(tmp_path):
+    data = arith_jsonl(tmp_path / "arith.jsonl")
+    out = tmp_path / "eval" / "result.json"
+    result = asympo(
+        "eval", f"task.name={data}", "task.test_size=12", "k=4", f"json_out={out}", "progress=false"
+    )
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout)
+    assert printed == json.loads(out.read_text())
+    assert printed["problems"] == 12 and printed["task"] == str(data)
+    assert 0 <= printed["pass@1"] <= printed["pass@4"] <= 1
+    assert printed["avg@4"] == pytest.approx(printed["pass@1"])  # a 0/1 reward: the mean reward is pass@1
+    assert printed["boxed_rate"] == 0 and 1 <= printed["mean_length"] <= 8
+    assert printed["pass@1"] > 0.05  # the tiny model does this task: the rows really reach it
+
+
+def test_train_on_a_dataset_file_and_a_bad_row_is_named(tmp_path):
+    data = arith_jsonl(tmp_path / "arith.jsonl")
+    out = tmp_path / "run"
+    result = asympo(
+        "train", f"task.name={data}", "steps=2", "eval_samples=1", "runtime.mode=lag", f"out={out}", *FAST
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "result.json").read_text())["steps"] == 2
+    with open(data, "a") as f:
+        f.write('{"question": "", "answer": 3}\n')
+    result = asympo("train", f"task.name={data}", f"out={out}", *FAST)
+    assert result.returncode == 2 and f"{data}:301: question is empty" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = asympo("train", "-c", "no-such-preset", f"out={out}")
+    assert result.returncode == 2 and "smollm2-arith" in result.stderr  # the presets are listed

@@ -185,12 +185,12 @@ def test_crashing_child_is_restarted_and_counted():
 @pytest.mark.parametrize(
     "spec, message",
     [
-        ("foo", "expected 'exact' or an import path"),
+        ("foo", "or an import path 'package.module:function'"),
         ("no_such_module_xyz.sub:fn", "module no_such_module_xyz.sub not found"),
         ("broken_reward:fn", "importing broken_reward failed: ModuleNotFoundError"),
         ("guard_rewards:missing", "guard_rewards has no attribute missing"),
         ("guard_rewards:not_callable", "not_callable is not callable"),
-        (":fn", "expected 'exact' or an import path"),
+        (":fn", "or an import path 'package.module:function'"),
     ],
 )
 def test_bad_specs_are_user_errors_naming_the_spec(spec, message):

@@ -10,6 +10,7 @@ import hashlib
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -19,15 +20,26 @@ TEST_BUCKETS = 10  # one problem in ten is held out
 
 
 class TaskConfig(BaseModel):
-    """Multi-operand integer arithmetic such as `12+34-56=`."""
+    """Where problems come from: the built-in arithmetic (`12+34-56=`) or a dataset of question/answer rows.
+    Dataset fields are ignored by arith and arith fields by datasets."""
 
     model_config = ConfigDict(extra="forbid")
 
-    operands: int = Field(2, ge=2, le=8)
+    name: str = "arith"  # "arith", a .jsonl / .json / .parquet file, a dataset folder, or a hub id (org/name)
+    operands: int = Field(2, ge=2, le=8)  # arith only, like digits and ops
     digits: int = Field(2, ge=1, le=6)
     ops: str = "+"
-    test_size: int = Field(200, ge=1)
-    seed: int = 1234  # fixes the test set; the train stream is seeded by the run's seed
+    subset: str | None = None  # datasets: the hub config name, e.g. "main" for openai/gsm8k
+    split: str = "train"  # datasets: the split to train on (hub ids and folders)
+    test: str = (
+        ""  # datasets: held-out split name or file; "" holds out 1 row in 10 by a hash of its question
+    )
+    question_field: str = "question"
+    answer_field: str = "answer"
+    answer_format: Literal["plain", "gsm8k", "boxed"] = "plain"  # gsm8k: after '####'; boxed: last \boxed{}
+    skip_bad_rows: bool = False  # skip and count bad rows instead of stopping at the first one
+    test_size: int = Field(200, ge=1)  # held-out problems used (datasets: at most this many)
+    seed: int = 1234  # fixes the arith test set; the train stream is seeded by the run's seed
 
     @field_validator("ops")
     @classmethod

@@ -25,13 +25,22 @@ from asympo.errors import UserError  # the only asympo import: the child imports
 
 RewardFn = Callable[[str, str], float]  # (response_text, reference_answer) -> reward
 CHUNK = 1024  # items per message; the shared array holds [items done, current item's start, results...]
+NAMED = {  # short names for the built-in rewards
+    "exact": "asympo.rewards.exact:exact_match",
+    "math": "asympo.rewards.math:boxed_reward",
+    "math-lenient": "asympo.rewards.math:lenient_reward",
+    "math-format": "asympo.rewards.math:boxed_format_reward",
+}
 
 
 def load_reward(spec: str) -> RewardFn:
-    """Resolve "exact" or "package.module:function" here, so a typo fails before anything is spawned."""
-    module_name, _, attr = ("asympo.rewards.exact:exact_match" if spec == "exact" else spec).partition(":")
+    """Resolve a built-in name or "package.module:function" now, so a typo fails before anything spawns."""
+    module_name, _, attr = NAMED.get(spec, spec).partition(":")
     if not module_name or not attr:
-        raise UserError(f"reward {spec!r}: expected 'exact' or an import path 'package.module:function'")
+        names = ", ".join(f"'{n}'" for n in NAMED)
+        raise UserError(
+            f"reward {spec!r}: expected one of {names} or an import path 'package.module:function'"
+        )
     try:
         module = importlib.import_module(module_name)
     except Exception as e:  # a missing or broken user module is bad input, not a crash of ours

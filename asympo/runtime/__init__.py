@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from asympo.config import TrainConfig
-from asympo.data.tasks import train_stream
+from asympo.data.tasks import Problem
 from asympo.rollout.hf import HFEngine
 from asympo.runtime.lag import LagRuntime, Scorer
 from asympo.runtime.local_async import AsyncRuntime
@@ -26,11 +27,11 @@ def build_runtime(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     version: int,
+    problems: Iterator[Problem],
     cursor: int,
     score: Scorer,
 ) -> Runtime:
-    """The runtime for `cfg.runtime.mode`, reading train problems from the data cursor onwards."""
-    problems = train_stream(cfg.task, cfg.seed, start=cursor)
+    """The runtime for `cfg.runtime.mode`; `problems` starts at the data cursor `cursor`."""
     engine_logprobs = cfg.behaviour.compare or cfg.behaviour.source == "engine"
     if cfg.runtime.mode == "async":
         torch.set_num_threads(cfg.runtime.learner_threads)  # the other cores belong to the workers
