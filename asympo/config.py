@@ -29,6 +29,7 @@ class Strict(BaseModel):
 class RolloutConfig(SamplingConfig):
     prompts_per_step: int = Field(32, ge=1)
     group_size: int = Field(8, ge=2)
+    max_batch: int = Field(256, ge=1)  # sequences decoded at once; waiting prompts fill freed slots
 
 
 class OptimConfig(Strict):
@@ -156,6 +157,7 @@ class EvalConfig(Strict):
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(8, ge=1)
+    max_batch: int = Field(256, ge=1)
     greedy: bool = True  # also greedy accuracy (one more pass over the problems)
     seed: int = 0
     json_out: str | None = None

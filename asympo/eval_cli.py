@@ -24,7 +24,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     model, tokenizer = load_policy(cfg.model)
     task = Task(cfg.task, Prompter(cfg.prompt, tokenizer))
     problems = task.held_out()
-    engine = HFEngine(model, tokenizer, return_logprobs=False)
+    engine = HFEngine(model, tokenizer, return_logprobs=False, max_batch=cfg.max_batch)
     sampling = SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens)
     result: dict = {"model": cfg.model, "task": cfg.task.name, "problems": len(problems), "k": cfg.k}
     with RewardGuard(cfg.reward, cfg.reward_timeout) as guard, progress_bar(cfg.progress) as bar:

@@ -72,7 +72,9 @@ class Trainer:
         self.skips.consecutive = int(self.state.counters.get("consecutive_skips", 0))
         if hasattr(self.runtime, "counts"):
             self.runtime.counts.update(self.state.counters.get("runtime", {}))
-        self.eval_engine = HFEngine(self.model, self.tokenizer)  # shares the learner's weights
+        self.eval_engine = HFEngine(
+            self.model, self.tokenizer, max_batch=cfg.rollout.max_batch
+        )  # shares the learner's weights
 
     def restore(self) -> tuple[TrainState, list, bool]:
         fresh = TrainState(step=0, version=0, skipped_steps=0, cursor=0)

@@ -51,7 +51,9 @@ def build_runtime(
             return_logprobs=engine_logprobs,
         )
     else:
-        engine = HFEngine(copy.deepcopy(model), tokenizer, return_logprobs=engine_logprobs)
+        engine = HFEngine(
+            copy.deepcopy(model), tokenizer, return_logprobs=engine_logprobs, max_batch=cfg.rollout.max_batch
+        )
         lag = runtime_lag(cfg.runtime.mode, cfg.runtime.lag)
         runtime = LagRuntime(engine, problems, score, cfg.rollout, lag, cfg.seed)
     runtime.cursor = cursor

@@ -75,7 +75,9 @@ def worker_main(jobs, results, shared: SharedWeights, model: str, rollout: Rollo
 
     hf_logging.disable_progress_bar()
     policy, tokenizer = load_policy(model)
-    engine = HFEngine(policy, tokenizer, version=-1, return_logprobs=opts["return_logprobs"])
+    engine = HFEngine(
+        policy, tokenizer, version=-1, return_logprobs=opts["return_logprobs"], max_batch=rollout.max_batch
+    )
     try:
         while (job := jobs.recv()) is not None:
             if shared.version.value != engine.version:
