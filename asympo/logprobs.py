@@ -48,11 +48,14 @@ def token_logprobs(
     the others are 0."""
     targets = input_ids[:, 1:]
     if not splits_head(model):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+        logits = (
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
+        )
         if temperature not in (0.0, 1.0):
             logits = logits / temperature
         return torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    decoder = model.get_decoder()
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     hidden = hidden[:, :-1]
     if positions is None:
         positions = torch.ones_like(targets, dtype=torch.bool)
