@@ -16,6 +16,8 @@ COMMANDS = {
     "sft": "warm-start the tiny model by supervised fine-tuning on the built-in task",
     "eval": "held-out greedy accuracy, pass@1 and pass@k of a model",
     "study": "the staleness study: objectives x staleness k x seeds, with a table and plots",
+    "serve": "serve a model over an OpenAI-compatible HTTP API, with a weight-reload endpoint",
+    "bench": "performance ratios measured side by side: engine, learner, FLOP/s vs peak, async vs sync",
 }
 
 
@@ -53,6 +55,15 @@ def run(args: argparse.Namespace) -> None:
         from asympo.study.run import run_study
 
         run_study(build_config(StudyConfig, args.config, args.overrides))
+    elif args.command == "serve":
+        from asympo.config import ServeConfig
+        from asympo.serve import run_serve
+
+        run_serve(build_config(ServeConfig, args.config, args.overrides))
+    elif args.command == "bench":
+        from asympo.bench import BenchConfig, run_bench
+
+        run_bench(build_config(BenchConfig, args.config, args.overrides))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,10 @@ class Interrupted(Exception):
         self.signal_name = signal_name
 
 
+class StopWaiting(Exception):
+    """A stop signal arrived while the runtime was waiting for rollouts: stop now, not after the batch."""
+
+
 class StopSignal:
     """Turns SIGINT/SIGTERM into a flag the loop checks between steps, so it can checkpoint and exit.
 

@@ -3,24 +3,59 @@
 The naive way (model(...).logits, float32, log_softmax) holds B x L x V floats several times over (logits,
 their float copy, log_softmax, and the same again in backward): for SmolLM2 (V = 49k) at 4 x 256 tokens,
 about 200 MB each. Here the decoder's hidden states go through the output head a chunk of positions at a
-time, under activation checkpointing, so at most one chunk's logits exist at any moment, in forward and
-in backward; and only the positions asked for (the response tokens) are scored at all.
+time, and only the positions asked for (the response tokens) are scored. Small batches keep their softmax for
+the backward (at most KEEP_ELEMENTS floats); bigger ones recompute each chunk's logits in the backward, so at
+most one chunk's logits exist at any moment (see HeadLogprobs).
 """
 
 from __future__ import annotations
 
 import torch
-from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
 CHUNK_ELEMENTS = 1 << 24  # logits per chunk (64 MB in float32)
+# Up to this many probabilities in all (256 MB) the softmax is kept for the backward instead of recomputed:
+# it saves a matmul over the vocabulary; bigger batches recompute and hold one chunk at a time.
+KEEP_ELEMENTS = 1 << 26
 
 
-def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float):
+class HeadLogprobs(torch.autograd.Function):
+    """log softmax(hidden @ weight.T / temperature)[target] for a chunk of positions, with a hand-written
+    backward that turns the chunk's softmax into the gradient in place (minus one at the target, times the
+    incoming gradient), where autograd through logsumexp and gather would allocate several logits-sized
+    temporaries. With `keep` the forward's softmax is kept for the backward; without, only the per-position
+    logsumexp is, and the backward recomputes the chunk's logits (one more matmul, no memory held)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature: float, keep: bool):
+        logits = _logits(hidden, weight, temperature)
+        picked = logits.gather(-1, targets[:, None])[:, 0]
+        peak = logits.amax(-1)
+        total = logits.sub_(peak[:, None]).exp_().sum(-1)  # logits now hold exp(z - peak)
+        lse = total.log().add_(peak)
+        probs = logits.div_(total[:, None]) if keep else None
+        ctx.save_for_backward(hidden, weight, targets, lse, probs)
+        ctx.temperature = temperature
+        return picked - lse
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        hidden, weight, targets, lse, probs = ctx.saved_tensors
+        if probs is None:
+            probs = _logits(hidden, weight, ctx.temperature).sub_(lse[:, None]).exp_()
+        d_logits = probs.mul_(-grad[:, None])  # the kept softmax is used up: a graph is backpropagated once
+        d_logits[torch.arange(len(targets), device=targets.device), targets] += grad
+        if ctx.temperature not in (0.0, 1.0):
+            d_logits.div_(ctx.temperature)
+        d_logits = d_logits.to(hidden.dtype)
+        d_hidden = d_logits @ weight if ctx.needs_input_grad[0] else None
+        d_weight = d_logits.T @ hidden if ctx.needs_input_grad[1] else None
+        return d_hidden, d_weight, None, None, None
+
+
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
     logits = (hidden @ weight.T).float()
-    if temperature not in (0.0, 1.0):
-        logits = logits / temperature
-    return logits.gather(-1, targets[:, None])[:, 0] - torch.logsumexp(logits, -1)
+    return logits.div_(temperature) if temperature not in (0.0, 1.0) else logits
 
 
 def splits_head(model: PreTrainedModel) -> bool:
@@ -62,12 +97,10 @@ def token_logprobs(
     picked, picked_targets = hidden[positions], targets[positions]
     weight = model.get_output_embeddings().weight
     step = max(1, CHUNK_ELEMENTS // weight.shape[0])
+    keep = torch.is_grad_enabled() and picked.shape[0] * weight.shape[0] <= KEEP_ELEMENTS
     parts = []
     for start in range(0, picked.shape[0], step):
-        args = (picked[start : start + step], weight, picked_targets[start : start + step], temperature)
-        if torch.is_grad_enabled() and picked.requires_grad:
-            parts.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False))
-        else:
-            parts.append(_chunk_logprobs(*args))
+        chunk, chunk_targets = picked[start : start + step], picked_targets[start : start + step]
+        parts.append(HeadLogprobs.apply(chunk, weight, chunk_targets, temperature, keep))
     out = hidden.new_zeros(targets.shape, dtype=torch.float32)
     return out.masked_scatter(positions, torch.cat(parts)) if parts else out

@@ -16,7 +16,7 @@ from asympo.data.prompts import Prompter
 from asympo.data.source import Task
 from asympo.errors import UserError
 from asympo.evaluate import held_out_accuracy
-from asympo.faults import Interrupted, RunAborted, SkipGuard, StopSignal
+from asympo.faults import Interrupted, RunAborted, SkipGuard, StopSignal, StopWaiting
 from asympo.io import atomic_write_text, ensure_writable_dir, save_model_atomic
 from asympo.learner import Learner
 from asympo.metrics import MetricsLog, console, progress_bar, rollout_metrics, summary_table
@@ -141,8 +141,12 @@ class Trainer:
         try:
             with StopSignal() as stop, progress_bar(cfg.progress) as bar:
                 task = bar.add_task("train", total=cfg.steps, completed=done, status="")
+                self.runtime.stop_requested = lambda: stop.received is not None
                 for step in range(self.state.step, cfg.steps):
-                    samples, rollout_stats = self.runtime.next_batch(step)
+                    try:
+                        samples, rollout_stats = self.runtime.next_batch(step)
+                    except StopWaiting:
+                        raise Interrupted(stop.received, done, self.checkpoint(done)) from None
                     if self.recompute is not None:
                         samples, recompute_stats = self.recompute.apply(samples)
                         rollout_stats |= recompute_stats

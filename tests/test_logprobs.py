@@ -30,9 +30,11 @@ def llama():
     return LlamaForCausalLM(config)
 
 
+@pytest.mark.parametrize("keep", [True, False])  # the softmax kept for the backward, or recomputed there
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_chunked_matches_plain_in_value_and_gradient(llama, monkeypatch, temperature):
+def test_chunked_matches_plain_in_value_and_gradient(llama, monkeypatch, temperature, keep):
     monkeypatch.setattr(asympo.logprobs, "CHUNK_ELEMENTS", 1000 * 7)  # 7 positions per chunk: many chunks
+    monkeypatch.setattr(asympo.logprobs, "KEEP_ELEMENTS", 10**9 if keep else 0)
     assert splits_head(llama)
     input_ids = torch.randint(0, 1000, (3, 20))
     attention = torch.ones_like(input_ids)

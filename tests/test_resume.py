@@ -3,7 +3,9 @@ a hanging reward, injected NaNs, and a corrupt checkpoint."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import random
 import signal
 import subprocess
@@ -137,6 +139,11 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def rss(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS")))
+
+
 @pytest.mark.parametrize("mode", ["lag", "async"])
 def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path, mode):
     out = tmp_path / "run"
@@ -152,6 +159,27 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path, mode):
     learner = Learner(model, TrainConfig().objective, TrainConfig().optim)
     state, _ = load_checkpoint(out / "checkpoints", model, learner.optimizer, learner.scheduler)
     assert state.step == len(done) == done[-1] + 1
+
+
+def test_sigterm_while_waiting_for_a_stuck_worker_stops_at_once(tmp_path):
+    """A worker that stops producing (here: SIGSTOP) must not keep a SIGTERM from ending the run."""
+    out = tmp_path / "run"
+    proc = cli(f"out={out}", "steps=200", "checkpoint_every=0", "runtime.mode=async")
+    wait_for_steps(out, 2, proc)
+    stuck = [max(children(proc.pid), key=rss)]  # the rollout worker: the child that holds a model
+    for pid in stuck:
+        os.kill(pid, signal.SIGSTOP)
+    time.sleep(3)  # the learner has used up the buffer and is waiting for rollouts
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        for pid in stuck:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    assert proc.returncode == 143, stderr
+    assert "interrupted by SIGTERM at step" in stderr and "Traceback" not in stderr
+    assert (out / "checkpoints" / "latest").exists()
 
 
 def test_a_corrupt_checkpoint_on_resume_is_a_one_line_error_and_nothing_is_deleted(tmp_path):

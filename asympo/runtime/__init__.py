@@ -10,11 +10,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from asympo.config import TrainConfig
 from asympo.data.tasks import Problem
+from asympo.errors import UserError
 from asympo.rollout.hf import HFEngine
-from asympo.runtime.lag import LagRuntime, Scorer
+from asympo.runtime.buffer import Scorer
+from asympo.runtime.lag import LagRuntime
 from asympo.runtime.local_async import AsyncRuntime
+from asympo.runtime.remote_async import RemoteAsyncRuntime
 
-Runtime = LagRuntime | AsyncRuntime
+Runtime = LagRuntime | AsyncRuntime | RemoteAsyncRuntime
 
 
 def runtime_lag(mode: str, lag: int) -> int:
@@ -33,23 +36,17 @@ def build_runtime(
 ) -> Runtime:
     """The runtime for `cfg.runtime.mode`; `problems` starts at the data cursor `cursor`."""
     engine_logprobs = cfg.behaviour.compare or cfg.behaviour.source == "engine"
+    if cfg.runtime.backend == "ray":
+        runtime = build_ray(cfg, model, version, problems, score, engine_logprobs)
+        runtime.cursor = cursor
+        return runtime
+    if cfg.rollout.engine in ("openai", "vllm"):
+        runtime = build_remote(cfg, tokenizer, problems, score, engine_logprobs)
+        runtime.cursor = cursor
+        return runtime
     if cfg.runtime.mode == "async":
-        torch.set_num_threads(cfg.runtime.learner_threads)  # the other cores belong to the workers
-        runtime = AsyncRuntime(
-            cfg.model,
-            model.state_dict(),
-            version,
-            problems,
-            score,
-            cfg.rollout,
-            cfg.seed,
-            workers=cfg.runtime.workers,
-            worker_threads=cfg.runtime.worker_threads,
-            max_staleness=cfg.runtime.max_staleness,
-            jobs_per_worker=cfg.runtime.jobs_per_worker,
-            max_worker_restarts=cfg.faults.max_worker_restarts,
-            return_logprobs=engine_logprobs,
-        )
+        learner_threads(cfg)
+        runtime = AsyncRuntime(*worker_pool_args(cfg, model, version, problems, score, engine_logprobs))
     else:
         engine = HFEngine(
             copy.deepcopy(model), tokenizer, return_logprobs=engine_logprobs, max_batch=cfg.rollout.max_batch
@@ -60,9 +57,89 @@ def build_runtime(
     return runtime
 
 
+def learner_threads(cfg: TrainConfig) -> None:
+    if cfg.runtime.learner_threads:  # 0 keeps torch's default: a thread per core, shared with the workers
+        torch.set_num_threads(cfg.runtime.learner_threads)
+
+
+def build_ray(
+    cfg: TrainConfig,
+    model: PreTrainedModel,
+    version: int,
+    problems: Iterator[Problem],
+    score: Scorer,
+    engine_logprobs: bool,
+):
+    """`runtime.backend=ray`: the async runtime with Ray actors as its rollout workers."""
+    if cfg.runtime.mode != "async":
+        raise UserError(f"runtime.backend=ray needs runtime.mode=async (it is '{cfg.runtime.mode}')")
+    if cfg.rollout.engine != "hf":
+        raise UserError("runtime.backend=ray runs rollout.engine=hf in its actors")
+    from asympo.runtime.ray_backend import RayRuntime  # Ray is an optional extra
+
+    learner_threads(cfg)  # the driver is the learner
+    args = worker_pool_args(cfg, model, version, problems, score, engine_logprobs)
+    return RayRuntime(*args, address=cfg.runtime.ray_address, num_cpus=cfg.runtime.ray_num_cpus)
+
+
+def worker_pool_args(
+    cfg: TrainConfig,
+    model: PreTrainedModel,
+    version: int,
+    problems: Iterator[Problem],
+    score: Scorer,
+    engine_logprobs: bool,
+) -> tuple:
+    """The arguments shared by the async runtimes that own their rollout workers (processes, Ray actors)."""
+    rt = cfg.runtime
+    return (
+        cfg.model, model.state_dict(), version, problems, score, cfg.rollout, cfg.seed,
+        rt.workers, rt.worker_threads, rt.max_staleness, rt.jobs_per_worker, cfg.faults.max_worker_restarts,
+        engine_logprobs,
+    )  # fmt: skip
+
+
+def build_remote(
+    cfg: TrainConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    problems: Iterator[Problem],
+    score: Scorer,
+    engine_logprobs: bool,
+) -> LagRuntime | RemoteAsyncRuntime:
+    """`rollout.engine=openai` or `vllm`: the same runtimes, with rollouts from an engine outside this
+    process's torch (a server, or vLLM on the GPU), so `async` needs only a thread to keep it busy."""
+    from asympo.objectives import get_objective
+
+    if cfg.rollout.engine == "vllm":
+        from asympo.rollout.vllm import VLLMEngine
+
+        engine = VLLMEngine(cfg.model, tokenizer, return_logprobs=engine_logprobs)
+    else:
+        engine = openai_engine(cfg, tokenizer, get_objective(cfg.objective.name).needs_behaviour)
+    if cfg.runtime.mode != "async":
+        lag = runtime_lag(cfg.runtime.mode, cfg.runtime.lag)
+        return LagRuntime(engine, problems, score, cfg.rollout, lag, cfg.seed)
+    learner_threads(cfg)  # the server may be on this machine too
+    return RemoteAsyncRuntime(engine, problems, score, cfg.rollout, cfg.seed, cfg.runtime.max_staleness)
+
+
+def openai_engine(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase, needs_behaviour: bool):
+    from asympo.rollout.openai import OpenAIEngine
+
+    if cfg.behaviour.compare:
+        raise UserError("behaviour.compare=true needs engine log-probs; rollout.engine=openai returns none")
+    if cfg.behaviour.source == "engine" and needs_behaviour:
+        raise UserError(
+            f"objective '{cfg.objective.name}' needs behaviour log-probs, which rollout.engine=openai does "
+            "not return: set behaviour.source=learner (the learner recomputes them)"
+        )
+    return OpenAIEngine(cfg.rollout.openai, tokenizer)
+
+
 __all__ = [
     "AsyncRuntime",
     "LagRuntime",
+    "RemoteAsyncRuntime",
     "Runtime",
     "build_runtime",
     "runtime_lag",

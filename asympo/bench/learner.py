@@ -1,0 +1,104 @@
+"""Learner cost: an `asympo` step against a `decoupled_ppo` step on the same batch, and the learner's FLOP/s
+against this machine's matmul peak measured in the same run.
+
+A current-policy objective takes one forward and one backward per micro-batch; `decoupled_ppo` adds a no-grad
+forward under the proximal policy. With backward ~2x forward, the floor is 3/4 = 0.75x; the optimiser step,
+shared by both, pulls the ratio towards 1.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+
+import torch
+from transformers import PreTrainedModel
+
+from asympo.batch import TrainBatch
+from asympo.config import OptimConfig
+from asympo.learner import Learner
+from asympo.objectives.common import ObjectiveConfig
+
+
+def synthetic_batch(vocab: int, rows: int, length: int, seed: int = 0) -> TrainBatch:
+    """`rows` sequences of `length` random tokens, a quarter prompt and the rest response, in groups of 4,
+    with behaviour log-probs so the behaviour-corrected objectives run on the very same batch."""
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, vocab, (rows, length), generator=g)
+    response_mask = torch.zeros(rows, length - 1, dtype=torch.bool)
+    response_mask[:, length // 4 - 1 :] = True
+    advantages = torch.randn(rows, generator=g)
+    behaviour = torch.where(response_mask, -torch.rand(rows, length - 1, generator=g) - 10.0, 0.0)
+    return TrainBatch(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        response_mask=response_mask,
+        advantages=advantages,
+        rewards=torch.zeros(rows),
+        group_ids=torch.arange(rows) // 4,
+        versions=torch.zeros(rows, dtype=torch.long),
+        behaviour_logprobs=behaviour,
+    )
+
+
+def step_flops(model: PreTrainedModel, batch: TrainBatch) -> float:
+    """Model FLOPs of one forward + backward (3x forward): the decoder's matmuls on every real token, the
+    output head on the scored (response) tokens only, causal attention. Recomputation is not counted."""
+    config = model.config
+    head = model.get_output_embeddings()
+    decoder_params = sum(
+        m.weight.numel() for m in model.get_decoder().modules() if isinstance(m, torch.nn.Linear)
+    )
+    tokens = float(batch.attention_mask.sum())
+    scored = float(batch.response_mask.sum())
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    lengths = batch.attention_mask.sum(-1).double()
+    # QK^T and AV on the causal triangle: 2 matmuls x 2 FLOPs x S(S+1)/2 pairs x head_dim, per head, per layer
+    attention = float((2 * lengths * (lengths + 1)).sum()) * heads * head_dim * config.num_hidden_layers
+    forward = 2 * decoder_params * tokens + 2 * head.weight.numel() * scored + attention
+    return 3 * forward
+
+
+def matmul_peak(sizes: tuple[int, ...] = (1024, 2048), repeats: int = 5) -> tuple[float, int]:
+    """The best float32 FLOP/s of square matmuls with torch's current threads: the physical reference."""
+    best, best_n = 0.0, sizes[0]
+    for n in sizes:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        torch.mm(a, b)  # warm-up
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.mm(a, b)
+            rate = 2 * n**3 / (time.perf_counter() - start)
+            if rate > best:
+                best, best_n = rate, n
+    return best, best_n
+
+
+def learner_steps(
+    model: PreTrainedModel, vocab: int, rows: int, length: int, repeats: int, say=print
+) -> dict[str, float]:
+    """Time `asympo` and `decoupled_ppo` steps on one batch, alternating so that noise hits both alike."""
+    batch = synthetic_batch(vocab, rows, length)
+    optim = OptimConfig(micro_batch_size=rows, warmup_steps=0)
+    learners = {
+        name: Learner(copy.deepcopy(model), ObjectiveConfig(name=name), optim)
+        for name in ("asympo", "decoupled_ppo")
+    }
+    times: dict[str, list[float]] = {name: [] for name in learners}
+    for round_ in range(repeats + 1):  # round 0 warms up (allocator, Adam state) and is not counted
+        for name, learner in learners.items():
+            start = time.perf_counter()
+            learner.step(batch)
+            if round_:
+                times[name].append(time.perf_counter() - start)
+    asympo, ppo = (statistics.median(times[n]) for n in learners)
+    # each round's own ratio: the two steps of a round ran back to back, so slow drift in load cancels
+    ratio = statistics.median(a / p for a, p in zip(times["asympo"], times["decoupled_ppo"], strict=True))
+    flops = step_flops(model, batch)
+    say(
+        f"learner: {rows} x {length} tokens, asympo step {asympo:.2f} s, decoupled_ppo step {ppo:.2f} s, "
+        f"{flops / 1e9:.1f} GFLOP per asympo step"
+    )
+    return {"asympo_s": asympo, "decoupled_ppo_s": ppo, "ratio": ratio, "step_gflop": flops / 1e9}

@@ -1,0 +1,89 @@
+"""What every asynchronous backend (local processes, Ray actors, a remote server) shares: the bounded-
+staleness buffer, the seeds of its jobs and the busy-time metrics."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+
+from asympo.data.tasks import Problem
+from asympo.rollout.base import Sample
+
+Scorer = Callable[[list[tuple[str, str]]], list[float]]  # (text, answer) pairs -> rewards, in order
+
+
+def job_seed(seed: int, cursor: int) -> int:
+    """The sampling seed of a job: the data cursor survives a resume, so no noise is ever drawn twice."""
+    return seed * 1_000_003 + cursor
+
+
+class StalenessBuffer:
+    """Rewarded groups waiting for the learner, oldest first.
+
+    A group is kept only while `learner_version - group_version <= max_staleness`; what falls out is counted
+    in `dropped`, so the metrics show how much generation the bound threw away.
+    """
+
+    def __init__(self, max_staleness: int):
+        self.max_staleness = max_staleness
+        self.groups: deque[list[Sample]] = deque()
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def add(self, group: list[Sample]) -> None:
+        self.groups.append(group)
+
+    def add_rewarded(self, problems: list[Problem], groups: list[list[Sample]], score: Scorer) -> None:
+        """Score a job's groups in one call (the reward guard batches it) and queue them."""
+        items = [(s.text, p.answer) for p, group in zip(problems, groups, strict=True) for s in group]
+        rewards = iter(score(items))
+        for problem, group in zip(problems, groups, strict=True):
+            for s in group:
+                s.answer, s.reward = problem.answer, next(rewards)
+            self.add(group)
+
+    def evict_stale(self, learner_version: int) -> int:
+        fresh = [g for g in self.groups if learner_version - g[0].version <= self.max_staleness]
+        dropped = len(self.groups) - len(fresh)
+        self.dropped += dropped
+        self.groups = deque(fresh)
+        return dropped
+
+    def take(self, n: int) -> list[Sample]:
+        """The `n` oldest groups as one flat batch, each sample tagged with its group index."""
+        samples = []
+        for gid in range(n):
+            for s in self.groups.popleft():
+                s.group = gid
+                samples.append(s)
+        return samples
+
+
+class BusyMeter:
+    """How busy the learner and the rollout workers were between two batches, and the workers' token rate."""
+
+    def __init__(self) -> None:
+        self.busy_time, self.tokens = 0.0, 0
+        self.last_return: float | None = None  # when the learner last got a batch
+
+    def record(self, groups: list[list[Sample]], seconds: float) -> None:
+        self.busy_time += seconds
+        self.tokens += sum(len(s.response_ids) for group in groups for s in group)
+
+    def stats(self, entered: float, workers: int = 1) -> dict[str, float]:
+        """Called as a batch is handed over; `entered` is when the learner started waiting for it."""
+        now = time.perf_counter()
+        interval = now - self.last_return if self.last_return is not None else now - entered
+        learner_busy = (entered - self.last_return) / interval if self.last_return is not None else 0.0
+        worker_busy = self.busy_time / (interval * workers) if interval > 0 else 0.0
+        tokens_per_s = self.tokens / self.busy_time if self.busy_time > 0 else float("nan")
+        self.busy_time, self.tokens, self.last_return = 0.0, 0, now
+        return {
+            "rollout_tokens_per_s": tokens_per_s,  # per worker, while generating
+            "learner_busy": learner_busy,
+            "worker_busy": min(worker_busy, 1.0),
+            "wait_time": now - entered,
+        }

@@ -1,0 +1,282 @@
+"""The `async` runtime on Ray (`runtime.backend=ray`): rollout workers are Ray actors, the learner is the
+driver. Each published version goes into the object store once (one `ray.put`); an actor fetches it only
+when its own weights are older. The same bounded-staleness buffer as the local runtime decides what trains.
+
+Joining a cluster (`runtime.ray_address=HOST:PORT`, or the RAY_ADDRESS environment variable): asympo must
+be installed on every node and the model name or path must resolve there. Ray 2.60 clusters use token
+authentication by default; joining one by address needs `RAY_AUTH_MODE=token` and the cluster's token in
+`RAY_AUTH_TOKEN`, in a file named by `RAY_AUTH_TOKEN_PATH`, or in `~/.ray/auth_token` (with `auto`, a token
+found there turns token mode on by itself). Without them Ray reports a failed connection after ~20 s.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from asympo.config import RolloutConfig
+from asympo.data.tasks import Problem
+from asympo.errors import UserError
+from asympo.faults import RunAborted, StopWaiting
+from asympo.rollout.base import Sample
+from asympo.runtime.buffer import BusyMeter, Scorer, StalenessBuffer, job_seed
+
+try:
+    import ray
+except ImportError:  # pragma: no cover - depends on the environment
+    raise UserError("runtime.backend=ray needs Ray: pip install 'asympo[ray]'") from None
+
+CONNECT_TIMEOUT = 5.0  # seconds to reach a cluster before giving up (ray.init retries for minutes)
+
+
+@ray.remote(concurrency_groups={"control": 1})
+class RolloutActor:
+    """One rollout worker. Jobs run one at a time; `offer` and `pid` run on their own thread, so a version
+    published while a job waits in the queue is still the one the job starts with."""
+
+    def __init__(self, model: str, rollout: RolloutConfig, threads: int, return_logprobs: bool):
+        torch.set_num_threads(threads)
+        from transformers.utils import logging as hf_logging
+
+        from asympo.models.load import load_policy
+        from asympo.rollout.hf import HFEngine
+
+        hf_logging.disable_progress_bar()
+        policy, tokenizer = load_policy(model)
+        self.engine = HFEngine(
+            policy, tokenizer, version=-1, return_logprobs=return_logprobs, max_batch=rollout.max_batch
+        )
+        self.rollout = rollout
+        self.lock = threading.Lock()
+        self.newest: tuple[int, list] = (-1, [])  # (version, [ObjectRef]): boxed, so Ray does not fetch it
+
+    @ray.method(concurrency_group="control")
+    def pid(self) -> int:
+        return os.getpid()
+
+    @ray.method(concurrency_group="control")
+    def offer(self, version: int, weights: list) -> None:
+        self._note(version, weights)
+
+    def generate(
+        self, prompts: list[str], seed: int, version: int, weights: list
+    ) -> tuple[list[list[Sample]], float]:
+        """The groups for `prompts`, from the newest version this actor knows of, and the seconds it took."""
+        self._note(version, weights)
+        with self.lock:
+            version, weights = self.newest
+        if version != self.engine.version:
+            self.engine.load_weights(ray.get(weights[0]), version)
+        start = time.perf_counter()
+        generator = torch.Generator().manual_seed(seed)
+        groups = self.engine.generate(prompts, self.rollout.group_size, self.rollout, generator)
+        return groups, time.perf_counter() - start
+
+    def _note(self, version: int, weights: list) -> None:
+        with self.lock:
+            if version > self.newest[0]:
+                self.newest = (version, weights)
+
+
+def check_reachable(address: str) -> None:
+    """ray.init retries an unreachable address for minutes: try a plain TCP connection first."""
+    host_port = address.removeprefix("ray://")
+    host, _, port = host_port.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"runtime.ray_address '{address}' is not HOST:PORT, ray://HOST:PORT or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT).close()
+    except OSError as e:
+        raise UserError(f"cannot reach the Ray cluster at {address}: {e.strerror or e}") from None
+
+
+def connect(address: str | None, num_cpus: int | None) -> bool:
+    """Join `address` (or RAY_ADDRESS), or start a local Ray; True when this call set Ray up (and so
+    `ray.shutdown()` is ours to call: it stops a local Ray, and only disconnects from a cluster)."""
+    if ray.is_initialized():  # e.g. a notebook or test that set up Ray itself
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
+    if address in (None, "local"):
+        ray.init("local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **quiet)
+        return True
+    if address != "auto":
+        check_reachable(address)
+    try:
+        ray.init(address=address, **quiet)
+    except ray.exceptions.AuthenticationError as e:
+        raise UserError(f"cannot join the Ray cluster at {address}: {e}") from None
+    except ConnectionError as e:
+        raise UserError(
+            f"cannot join the Ray cluster at {address}: {e} (a cluster with token auth needs "
+            "RAY_AUTH_MODE=token and its token in RAY_AUTH_TOKEN or ~/.ray/auth_token)"
+        ) from None
+    return True
+
+
+def local_path(model: str) -> str:
+    """An actor's working directory need not be ours: a relative model folder becomes absolute."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else model
+
+
+@dataclass
+class Job:
+    problems: list[Problem]
+    seed: int
+
+
+@dataclass
+class Worker:
+    actor: ray.actor.ActorHandle
+    in_flight: dict[ray.ObjectRef, Job] = field(default_factory=dict)
+    ready: bool = False  # it has returned a job: its model is loaded and it takes offers at once
+
+
+class RayRuntime:
+    """Same interface, stats and counts as `AsyncRuntime`; see the module docstring for the data flow."""
+
+    def __init__(
+        self,
+        model: str,
+        weights: dict[str, torch.Tensor],
+        version: int,
+        problems: Iterator[Problem],
+        score: Scorer,
+        rollout: RolloutConfig,
+        seed: int,
+        workers: int = 1,
+        worker_threads: int = 1,
+        max_staleness: int = 2,
+        jobs_per_worker: int = 2,
+        max_worker_restarts: int = 5,
+        return_logprobs: bool = True,
+        address: str | None = None,
+        num_cpus: int | None = None,
+    ):
+        self.model, self.rollout, self.problems, self.score, self.seed = model, rollout, problems, score, seed
+        self.depth, self.max_restarts, self.threads = jobs_per_worker, max_worker_restarts, worker_threads
+        self.return_logprobs = return_logprobs
+        self.lag = max_staleness  # what the behaviour-log-prob snapshot store must cover
+        self.job_prompts = math.ceil(rollout.prompts_per_step / workers)
+        self.buffer = StalenessBuffer(max_staleness)
+        self.stop_requested: Callable[[], bool] = lambda: False  # the trainer's signal flag
+        self.capacity = 2 * rollout.prompts_per_step  # as in AsyncRuntime: at most two batches ahead
+        self.cursor = 0
+        self.counts = {"dropped_stale": 0, "worker_restarts": 0, "lost_jobs": 0}
+        self.meter = BusyMeter()
+        self.owns_ray = connect(address, num_cpus)
+        self.workers: list[Worker] = []
+        self.spawned = 0
+        try:
+            self._check_cpus(workers * worker_threads)
+            self.publish(version, weights)
+            self.model = local_path(model)
+            self.workers = [self._spawn() for _ in range(workers)]
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_cpus(self, needed: int) -> None:
+        """An actor asking for more CPUs than the cluster has would wait forever, silently."""
+        have = ray.cluster_resources().get("CPU", 0)
+        if needed > have:
+            raise UserError(
+                f"runtime.workers x runtime.worker_threads = {needed} CPUs, but the Ray cluster has {have:g} "
+                "(a local Ray gets runtime.ray_num_cpus, default all of this machine's)"
+            )
+
+    def _spawn(self) -> Worker:
+        self.spawned += 1  # a fresh name each time: `ray list actors` shows which one replaced which
+        name = f"asympo-rollout-{self.spawned}"
+        actor = RolloutActor.options(num_cpus=self.threads, max_restarts=0, name=name).remote(
+            self.model, self.rollout, self.threads, self.return_logprobs
+        )
+        return Worker(actor)
+
+    def publish(self, version: int, weights: dict[str, torch.Tensor]) -> None:
+        """One copy into the object store; the actors get a reference, not the tensors. An actor still
+        loading its model gets none: offers queued behind its start would pin every version meanwhile."""
+        self.learner_version, self.weights = version, [ray.put(weights)]
+        for worker in self.workers:
+            if worker.ready:
+                worker.actor.offer.remote(version, self.weights)
+
+    def next_batch(self, step: int) -> tuple[list[Sample], dict[str, float]]:
+        entered = time.perf_counter()
+        while True:
+            if self.stop_requested():
+                raise StopWaiting
+            self._dispatch()
+            self.counts["dropped_stale"] += self.buffer.evict_stale(self.learner_version)
+            if len(self.buffer) >= self.rollout.prompts_per_step:
+                break
+            pending = [ref for worker in self.workers for ref in worker.in_flight]
+            ready, _ = ray.wait(pending, num_returns=1, timeout=0.5) if pending else ([], [])
+            for ref in ready:
+                self._receive(ref)
+        samples = self.buffer.take(self.rollout.prompts_per_step)
+        stats = self.meter.stats(entered, len(self.workers))
+        return samples, stats | {"buffer_groups": len(self.buffer), **self.counts}
+
+    def _dispatch(self) -> None:
+        """Keep every actor `depth` jobs deep, unless the buffer would overflow its bound."""
+        for worker in self.workers:
+            while len(worker.in_flight) < self.depth and self._room():
+                problems = [next(self.problems) for _ in range(self.job_prompts)]
+                seed = job_seed(self.seed, self.cursor)  # the same seeds as the local runtime
+                self.cursor += len(problems)
+                prompts = [p.prompt for p in problems]
+                ref = worker.actor.generate.remote(prompts, seed, self.learner_version, self.weights)
+                worker.in_flight[ref] = Job(problems, seed)
+
+    def _room(self) -> bool:
+        pending = sum(len(w.in_flight) for w in self.workers) * self.job_prompts
+        return len(self.buffer) + pending + self.job_prompts <= self.capacity
+
+    def _receive(self, ref: ray.ObjectRef) -> None:
+        index = next((i for i, w in enumerate(self.workers) if ref in w.in_flight), None)
+        if index is None:  # a job of an actor already replaced
+            return
+        job = self.workers[index].in_flight.pop(ref)
+        try:
+            groups, busy = ray.get(ref)
+        except ray.exceptions.RayError as e:  # the actor died, or its job raised: replace it, as a crash
+            self.counts["lost_jobs"] += 1
+            self._replace(index, e)
+            return
+        self.workers[index].ready = True
+        self.meter.record(groups, busy)
+        self.buffer.add_rewarded(job.problems, groups, self.score)
+
+    def _replace(self, index: int, error: Exception) -> None:
+        worker = self.workers[index]
+        self.counts["worker_restarts"] += 1
+        self.counts["lost_jobs"] += len(worker.in_flight)
+        ray.kill(worker.actor, no_restart=True)  # a no-op when it is already dead
+        if self.counts["worker_restarts"] > self.max_restarts:
+            cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise RunAborted(
+                f"rollout actors died {self.counts['worker_restarts']} times "
+                f"(limit faults.max_worker_restarts={self.max_restarts}); last: {cause}"
+            )
+        self.workers[index] = self._spawn()
+
+    def close(self) -> None:
+        """Stop the actors at once (their results are not needed); stop the local Ray this runtime started,
+        or leave the cluster it joined. A Ray set up by someone else stays as it was."""
+        for worker in self.workers:
+            ray.kill(worker.actor, no_restart=True)
+        self.workers = []
+        if self.owns_ray:
+            ray.shutdown()
+            self.owns_ray = False
