@@ -69,6 +69,9 @@ def run(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from asympo.faults import Interrupted, RunAborted
+    from asympo.heap import keep_freed_memory
+
+    keep_freed_memory()
 
     try:
         run(args)

@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 from asympo.config import RolloutConfig
 from asympo.data.tasks import Problem
 from asympo.faults import RunAborted, StopWaiting
+from asympo.heap import keep_freed_memory
 from asympo.rollout.base import Sample
 from asympo.runtime.buffer import BusyMeter, Scorer, StalenessBuffer, job_seed
 
@@ -66,6 +67,7 @@ def worker_main(jobs, results, shared: SharedWeights, model: str, rollout: Rollo
 
     It exits when its job pipe closes, which is also what happens when the trainer dies."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle, with a checkpoint
+    keep_freed_memory()
     torch.set_num_threads(opts["threads"])
     from transformers.utils import logging as hf_logging
 
