@@ -24,8 +24,6 @@ WARMUP = 2
 
 
 def child(model_name: str, rows: int, length: int, steps: int) -> dict:
-    import torch
-
     from asympo.bench.learner import synthetic_batch
     from asympo.config import OptimConfig
     from asympo.heap import keep_freed_memory
@@ -35,7 +33,8 @@ def child(model_name: str, rows: int, length: int, steps: int) -> dict:
 
     kept = keep_freed_memory()
     model, tokenizer = load_policy(model_name)
-    learner = Learner(model, ObjectiveConfig(name="asympo"), OptimConfig(micro_batch_size=rows, warmup_steps=0))
+    optim = OptimConfig(micro_batch_size=rows, warmup_steps=0)
+    learner = Learner(model, ObjectiveConfig(name="asympo"), optim)
     batch = synthetic_batch(len(tokenizer), rows, length)
     times, faults, system = [], [], []
     for step in range(WARMUP + steps):

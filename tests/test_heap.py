@@ -17,7 +17,7 @@ from asympo.heap import keep_freed_memory
 kept = keep_freed_memory()
 def faults_of_one_step():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    blocks = [torch.ones(10 << 20) for _ in range(3)]  # 3 x 40 MB, above glibc's largest default mmap threshold
+    blocks = [torch.ones(10 << 20) for _ in range(3)]  # 3 x 40 MB: above glibc's largest mmap threshold
     del blocks
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 print(json.dumps({"kept": kept, "faults": [faults_of_one_step() for _ in range(10)]}))
