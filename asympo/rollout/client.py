@@ -32,12 +32,12 @@ class ServerUnreachable(RunAborted):
     """Retries ran out: in a training run this stops with a checkpoint, so `resume=true` continues."""
 
 
-
 class NoRedirects(urllib.request.HTTPRedirectHandler):
     """A redirect is an error here: urllib would resend the Authorization header to wherever it points."""
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):
         return None
+
 
 class ApiClient:
     def __init__(
