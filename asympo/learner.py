@@ -47,6 +47,19 @@ def adamw(model: PreTrainedModel, optim: OptimConfig) -> torch.optim.AdamW:
         return torch.optim.AdamW(model.parameters(), **kwargs)
 
 
+def publishable_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached CPU copy to publish to rollout engines. A tied alias (`lm_head.weight` sharing the
+    embedding) is left out, as `save_pretrained` does: engines load it through their own tie, and each
+    published version is one embedding smaller (113 MB for SmolLM2)."""
+    out, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        identity = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if identity not in seen:
+            seen.add(identity)
+            out[name] = tensor.detach().to("cpu", copy=True)
+    return out
+
+
 class Learner:
     """Owns the trainable policy and its optimiser; `version` counts the optimiser steps taken."""
 
@@ -75,8 +88,7 @@ class Learner:
             enable_checkpointing(model)
 
     def weights(self) -> dict[str, torch.Tensor]:
-        """A detached CPU copy to publish to rollout engines."""
-        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        return publishable_weights(self.model)
 
     def step(self, batch: TrainBatch) -> dict[str, float]:
         start = time.perf_counter()

@@ -101,3 +101,17 @@ def test_non_finite_step_is_skipped_and_weights_stay(small_model, tokenizer):
     stats = learner.step(batch)
     assert learner.version == 0 and learner.skipped_steps == 1 and stats["skipped_steps"] == 1
     assert all(torch.equal(a, b) for a, b in zip(before, params(small_model), strict=True))
+
+
+def test_published_weights_leave_out_the_tied_alias_and_load_into_an_engine(small_model, tokenizer):
+    engine_model = copy.deepcopy(small_model)  # the weights before the step, tied the same way
+    learner = Learner(small_model, ObjectiveConfig(name="asympo"), OptimConfig(lr=1e-2))
+    learner.step(make_batch(rollout(small_model, tokenizer), tokenizer.pad_token_id, "group_norm"))
+    weights = learner.weights()
+    assert "lm_head.weight" in small_model.state_dict() and "lm_head.weight" not in weights
+    assert len(weights) == len(small_model.state_dict()) - 1  # only the alias is left out
+    ids = torch.tensor([tokenizer("12+34=")["input_ids"]])
+    with torch.no_grad():
+        assert not torch.allclose(engine_model(ids).logits, small_model(ids).logits)
+        HFEngine(engine_model, tokenizer).load_weights(weights, learner.version)
+        torch.testing.assert_close(engine_model(ids).logits, small_model(ids).logits)

@@ -11,6 +11,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from asympo.config import TrainConfig
 from asympo.data.tasks import Problem
 from asympo.errors import UserError
+from asympo.learner import publishable_weights
 from asympo.rollout.hf import HFEngine
 from asympo.runtime.buffer import Scorer
 from asympo.runtime.lag import LagRuntime
@@ -93,7 +94,7 @@ def worker_pool_args(
     """The arguments shared by the async runtimes that own their rollout workers (processes, Ray actors)."""
     rt = cfg.runtime
     return (
-        cfg.model, model.state_dict(), version, problems, score, cfg.rollout, cfg.seed,
+        cfg.model, publishable_weights(model), version, problems, score, cfg.rollout, cfg.seed,
         rt.workers, rt.worker_threads, rt.max_staleness, rt.jobs_per_worker, cfg.faults.max_worker_restarts,
         engine_logprobs,
     )  # fmt: skip
