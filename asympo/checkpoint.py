@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from asympo.errors import UserError
 from asympo.io import atomic_write_text
+from asympo.models.tying import tied_aliases
 
 STEP_DIR = re.compile(r"step-(\d+)")
 LATEST_NAME = re.compile(r"step-\d+(\.old)?")
@@ -177,8 +178,10 @@ def _corrupt(folder: Path, what: str) -> Iterator[None]:
 def _check_shapes(weights: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Compare names and shapes before touching the model, so a mismatch leaves it as it was."""
     want = model.state_dict()
-    if weights.keys() != want.keys():
-        missing, unexpected = sorted(want.keys() - weights.keys()), sorted(weights.keys() - want.keys())
+    optional = tied_aliases(want)  # published weights (the lag history) leave the tied alias out
+    if not (want.keys() - optional) <= weights.keys() <= want.keys():
+        missing = sorted(want.keys() - optional - weights.keys())
+        unexpected = sorted(weights.keys() - want.keys())
         raise ValueError(f"missing {missing[:3]}, unexpected {unexpected[:3]}")
     for k, v in weights.items():
         if v.shape != want[k].shape:

@@ -11,6 +11,7 @@ from transformers import PreTrainedModel
 from asympo.batch import TrainBatch, micro_batches
 from asympo.config import OptimConfig
 from asympo.logprobs import token_logprobs
+from asympo.models.tying import tied_aliases
 from asympo.objectives import compute_loss, get_objective
 from asympo.objectives.common import LossInputs, ObjectiveConfig, masked
 
@@ -51,12 +52,9 @@ def publishable_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A detached CPU copy to publish to rollout engines. A tied alias (`lm_head.weight` sharing the
     embedding) is left out, as `save_pretrained` does: engines load it through their own tie, and each
     published version is one embedding smaller (113 MB for SmolLM2)."""
-    out, seen = {}, set()
-    for name, tensor in model.state_dict().items():
-        identity = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-        if identity not in seen:
-            seen.add(identity)
-            out[name] = tensor.detach().to("cpu", copy=True)
+    state = model.state_dict()
+    aliases = tied_aliases(state)
+    out = {name: t.detach().to("cpu", copy=True) for name, t in state.items() if name not in aliases}
     return out
 
 

@@ -12,6 +12,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, load_file
 
+from asympo.models.tying import tensor_identity
 from asympo.serve.errors import ApiError
 
 
@@ -43,10 +44,6 @@ def read_bytes(data: bytes) -> dict[str, torch.Tensor]:
         raise ApiError(400, f"the request body is not valid safetensors: {e}", "invalid_weights") from None
 
 
-def _identity(t: torch.Tensor) -> tuple:
-    return t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride())
-
-
 def check_fits(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Every key known with its exact shape, and every weight given; a tied alias (`lm_head.weight` sharing
     the embedding) may be left out, as `save_pretrained` does."""
@@ -66,8 +63,8 @@ def check_fits(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
             )
         if not (tensor.is_floating_point() or tensor.dtype == own[name].dtype):
             raise ApiError(400, f"weight {name} has dtype {tensor.dtype}, expected {own[name].dtype}")
-    given = {_identity(own[name]) for name in state}
-    missing = [name for name, t in own.items() if name not in state and _identity(t) not in given]
+    given = {tensor_identity(own[name]) for name in state}
+    missing = [name for name, t in own.items() if name not in state and tensor_identity(t) not in given]
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
         raise ApiError(400, f"missing weights: {', '.join(missing[:3])}{more}", "weights_mismatch")
