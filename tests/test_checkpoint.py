@@ -11,6 +11,7 @@ import torch
 import asympo.checkpoint
 from asympo.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from asympo.errors import UserError
+from asympo.learner import publishable_weights
 from asympo.models.tiny import TinyModelConfig, build_model
 
 
@@ -165,3 +166,18 @@ def test_loading_never_unpickles():
     assert "pickle" not in source.lower()
     for call in re.findall(r"torch\.load\([^)]*\)", source):
         assert "weights_only=True" in call
+
+
+def test_history_may_leave_out_the_tied_alias_but_nothing_else(tmp_path, trained):
+    model, optimizer, scheduler, _ = trained
+    published = publishable_weights(model)  # what the learner hands the lag runtime: no lm_head alias
+    assert "lm_head.weight" not in published
+    state = TrainState(step=1, version=1, skipped_steps=0, cursor=8, counters={})
+    save_checkpoint(tmp_path / "ok", state, model, optimizer, scheduler, history=[(1, published)])
+    _, history = load_checkpoint(tmp_path / "ok", *fresh(model))
+    assert history[0][1].keys() == published.keys()
+
+    incomplete = {k: v for k, v in published.items() if k != "model.norm.weight"}
+    save_checkpoint(tmp_path / "bad", state, model, optimizer, scheduler, history=[(1, incomplete)])
+    with pytest.raises(UserError, match=r"history-1\.safetensors: .*missing \['model\.norm\.weight'\]"):
+        load_checkpoint(tmp_path / "bad", *fresh(model))
