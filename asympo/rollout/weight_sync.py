@@ -12,6 +12,7 @@ from typing import Protocol
 import torch
 from safetensors.torch import save
 
+from asympo.models.tying import tensor_identity
 from asympo.rollout.client import ApiClient, ServerRejected
 
 
@@ -31,7 +32,7 @@ def to_safetensors(state_dict: dict[str, torch.Tensor]) -> bytes:
     exact, storages = set(), set()
     for name, tensor in state_dict.items():
         tensor = tensor.detach().cpu()
-        identity = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        identity = tensor_identity(tensor)
         if identity in exact:
             continue
         exact.add(identity)
