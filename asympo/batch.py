@@ -26,6 +26,10 @@ class TrainBatch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    def to(self, device: torch.device) -> TrainBatch:
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return TrainBatch(*(move(getattr(self, f)) for f in self.__dataclass_fields__))
+
     def select(self, rows: torch.Tensor) -> TrainBatch:
         pick = lambda t: None if t is None else t[rows]  # noqa: E731
         return TrainBatch(*(pick(getattr(self, f)) for f in self.__dataclass_fields__))

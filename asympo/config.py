@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from asympo.data.prompts import PromptConfig
 from asympo.data.tasks import TaskConfig
 from asympo.errors import UserError
+from asympo.models.device import Precision, check_device_name
 from asympo.models.tiny import TinyModelConfig
 from asympo.objectives.common import ObjectiveConfig
 from asympo.rollout.base import SamplingConfig
@@ -24,6 +25,18 @@ Cfg = TypeVar("Cfg", bound=BaseModel)
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class Placed(Strict):
+    """`device` and `precision` of the learner and the in-process engines (see asympo.models.device)."""
+
+    device: str = "auto"  # auto (CUDA when present, else cpu), cpu, cuda, cuda:N
+    precision: Precision = "auto"  # auto (bf16 where the hardware runs it fast), fp32, bf16
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, name: str) -> str:
+        return check_device_name(name)
 
 
 class OpenAIEngineConfig(Strict):
@@ -71,6 +84,16 @@ class RuntimeConfig(Strict):
     backend: Literal["local", "ray"] = "local"  # async: worker processes here, or Ray actors
     ray_address: str | None = None  # ray: join this cluster; none starts a local Ray
     ray_num_cpus: int | None = Field(None, ge=1)  # ray: CPUs of a local Ray (none: all of this machine's)
+    # async: one device per rollout worker (cuda:1, cuda:2, ...); empty: every worker on the CPU when the
+    # learner is there. Naming the learner's own GPU colocates a worker with it (after a memory check).
+    worker_devices: list[str] = []
+
+    @field_validator("worker_devices")
+    @classmethod
+    def _devices(cls, names: list[str]) -> list[str]:
+        for name in names:
+            check_device_name(name)
+        return names
 
 
 class FaultsConfig(Strict):
@@ -87,7 +110,7 @@ class BehaviourConfig(Strict):
     compare: bool = False  # learner: the engine also returns log-probs, and their difference is logged
 
 
-class TrainConfig(Strict):
+class TrainConfig(Placed):
     model: str = "tiny"  # tiny, tiny-random, smollm2, a model folder, a .gguf file or a hub id
     task: TaskConfig = TaskConfig()
     prompt: PromptConfig = PromptConfig()
@@ -110,7 +133,7 @@ class TrainConfig(Strict):
     resume: bool = False  # continue from the newest checkpoint in out/checkpoints
 
 
-class SFTConfig(Strict):
+class SFTConfig(Placed):
     """Supervised warm start of the tiny model on the built-in task, so that RL has signal."""
 
     model: TinyModelConfig = TinyModelConfig()
@@ -167,7 +190,7 @@ class StudyConfig(Strict):
         return lags
 
 
-class EvalConfig(Strict):
+class EvalConfig(Placed):
     model: str = "tiny"
     task: TaskConfig = TaskConfig()
     prompt: PromptConfig = PromptConfig()
@@ -184,7 +207,7 @@ class EvalConfig(Strict):
     progress: bool = True
 
 
-class ServeConfig(Strict):
+class ServeConfig(Placed):
     """`asympo serve`: an OpenAI-compatible HTTP server around the in-process engine."""
 
     model: str = "tiny"  # as in train: tiny, smollm2, a folder, a .gguf file or a hub id

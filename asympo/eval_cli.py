@@ -12,6 +12,7 @@ from asympo.data.source import Task
 from asympo.evaluate import greedy_accuracy, sampled_metrics, tally
 from asympo.io import atomic_write_text, ensure_writable_dir
 from asympo.metrics import progress_bar
+from asympo.models.device import for_engine, resolve
 from asympo.models.load import load_policy
 from asympo.rewards.guard import RewardGuard
 from asympo.rollout.base import SamplingConfig
@@ -22,6 +23,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     if cfg.json_out:  # an unwritable destination fails now, not after the whole evaluation
         ensure_writable_dir(Path(cfg.json_out).parent)
     model, tokenizer = load_policy(cfg.model)
+    model = for_engine(model, resolve(cfg.device, cfg.precision, model))
     task = Task(cfg.task, Prompter(cfg.prompt, tokenizer))
     problems = task.held_out()
     engine = HFEngine(model, tokenizer, return_logprobs=False, max_batch=cfg.max_batch)

@@ -27,35 +27,49 @@ class HeadLogprobs(torch.autograd.Function):
     logsumexp is, and the backward recomputes the chunk's logits (one more matmul, no memory held)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature: float, keep: bool):
-        logits = _logits(hidden, weight, temperature)
+    def forward(ctx, hidden, weight, targets, temperature: float, keep: bool, compute: torch.dtype):
+        logits = _logits(hidden, weight, temperature, compute)
         picked = logits.gather(-1, targets[:, None])[:, 0]
         peak = logits.amax(-1)
         total = logits.sub_(peak[:, None]).exp_().sum(-1)  # logits now hold exp(z - peak)
         lse = total.log().add_(peak)
         probs = logits.div_(total[:, None]) if keep else None
         ctx.save_for_backward(hidden, weight, targets, lse, probs)
-        ctx.temperature = temperature
+        ctx.temperature, ctx.compute = temperature, compute
         return picked - lse
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         hidden, weight, targets, lse, probs = ctx.saved_tensors
+        compute = ctx.compute
         if probs is None:
-            probs = _logits(hidden, weight, ctx.temperature).sub_(lse[:, None]).exp_()
+            probs = _logits(hidden, weight, ctx.temperature, compute).sub_(lse[:, None]).exp_()
         d_logits = probs.mul_(-grad[:, None])  # the kept softmax is used up: a graph is backpropagated once
         d_logits[torch.arange(len(targets), device=targets.device), targets] += grad
         if ctx.temperature not in (0.0, 1.0):
             d_logits.div_(ctx.temperature)
-        d_logits = d_logits.to(hidden.dtype)
-        d_hidden = d_logits @ weight if ctx.needs_input_grad[0] else None
-        d_weight = d_logits.T @ hidden if ctx.needs_input_grad[1] else None
-        return d_hidden, d_weight, None, None, None
+        # Autocast is off in a custom backward: the matmuls run in the forward's compute dtype explicitly,
+        # and each gradient comes back in its input's dtype (float32 master weights under bf16 autocast).
+        d_logits = d_logits.to(compute)
+        d_hidden = (d_logits @ weight.to(compute)).to(hidden.dtype) if ctx.needs_input_grad[0] else None
+        d_weight = (d_logits.T @ hidden.to(compute)).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return d_hidden, d_weight, None, None, None, None
 
 
-def _logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
-    logits = (hidden @ weight.T).float()
+def _logits(
+    hidden: torch.Tensor, weight: torch.Tensor, temperature: float, compute: torch.dtype
+) -> torch.Tensor:
+    """The head's logits in float32, from a matmul in `compute` (bf16 under autocast, else the weights')."""
+    logits = (hidden.to(compute) @ weight.to(compute).T).float()
     return logits.div_(temperature) if temperature not in (0.0, 1.0) else logits
+
+
+def compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype autocast would run the head's matmul in: its dtype when active here, else the weight's."""
+    device = weight.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return weight.dtype
 
 
 def splits_head(model: PreTrainedModel) -> bool:
@@ -98,9 +112,10 @@ def token_logprobs(
     weight = model.get_output_embeddings().weight
     step = max(1, CHUNK_ELEMENTS // weight.shape[0])
     keep = torch.is_grad_enabled() and picked.shape[0] * weight.shape[0] <= KEEP_ELEMENTS
+    compute = compute_dtype(weight)
     parts = []
     for start in range(0, picked.shape[0], step):
         chunk, chunk_targets = picked[start : start + step], picked_targets[start : start + step]
-        parts.append(HeadLogprobs.apply(chunk, weight, chunk_targets, temperature, keep))
+        parts.append(HeadLogprobs.apply(chunk, weight, chunk_targets, temperature, keep, compute))
     out = hidden.new_zeros(targets.shape, dtype=torch.float32)
     return out.masked_scatter(positions, torch.cat(parts)) if parts else out

@@ -14,12 +14,21 @@ from transformers import PreTrainedModel
 
 from asympo.batch import make_batch
 from asympo.learner import token_logprobs
+from asympo.models.device import CPU_FP32, Placement
 from asympo.rollout.base import Sample
 from asympo.snapshots import SnapshotStore
 
 
 class BehaviourRecompute:
-    def __init__(self, scratch: PreTrainedModel, store: SnapshotStore, pad_id: int, temperature: float = 1.0):
+    def __init__(
+        self,
+        scratch: PreTrainedModel,
+        store: SnapshotStore,
+        pad_id: int,
+        temperature: float = 1.0,
+        placement: Placement = CPU_FP32,
+    ):
+        self.placement = placement
         self.scratch = (
             scratch.eval()
         )  # a second copy of the architecture; its weights are swapped per version
@@ -50,7 +59,13 @@ class BehaviourRecompute:
                 self.dropped += len(group)  # never train on log-probs of the wrong weights
                 continue
             batch = make_batch(group, self.pad_id, "mean")
-            logprobs = token_logprobs(self.scratch, batch.input_ids, batch.attention_mask, self.temperature)
+            with self.placement.autocast():
+                logprobs = token_logprobs(
+                    self.scratch,
+                    batch.input_ids.to(self.placement.device),
+                    batch.attention_mask.to(self.placement.device),
+                    self.temperature,
+                ).cpu()
             for row, s in enumerate(group):
                 recomputed = logprobs[row][batch.response_mask[row]]
                 if s.behaviour_logprobs is not None:  # the engine sent its own: measure the mismatch

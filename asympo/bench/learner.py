@@ -18,6 +18,7 @@ from transformers import PreTrainedModel
 from asympo.batch import TrainBatch
 from asympo.config import OptimConfig
 from asympo.learner import Learner
+from asympo.models.device import CPU_FP32, Placement
 from asympo.objectives.common import ObjectiveConfig
 
 
@@ -61,15 +62,26 @@ def step_flops(model: PreTrainedModel, batch: TrainBatch) -> float:
     return 3 * forward
 
 
-def matmul_peak(sizes: tuple[int, ...] = (1024, 2048), repeats: int = 5) -> tuple[float, int]:
-    """The best float32 FLOP/s of square matmuls with torch's current threads: the physical reference."""
+def matmul_peak(
+    sizes: tuple[int, ...] = (1024, 2048),
+    repeats: int = 5,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> tuple[float, int]:
+    """The best FLOP/s of square `dtype` matmuls with torch's current threads: the physical reference for a
+    learner computing in that dtype."""
     best, best_n = 0.0, sizes[0]
+    device = torch.device(device)
     for n in sizes:
-        a, b = torch.randn(n, n), torch.randn(n, n)
+        a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
         torch.mm(a, b)  # warm-up
         for _ in range(repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             start = time.perf_counter()
             torch.mm(a, b)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             rate = 2 * n**3 / (time.perf_counter() - start)
             if rate > best:
                 best, best_n = rate, n
@@ -77,13 +89,19 @@ def matmul_peak(sizes: tuple[int, ...] = (1024, 2048), repeats: int = 5) -> tupl
 
 
 def learner_steps(
-    model: PreTrainedModel, vocab: int, rows: int, length: int, repeats: int, say=print
+    model: PreTrainedModel,
+    vocab: int,
+    rows: int,
+    length: int,
+    repeats: int,
+    say=print,
+    placement: Placement = CPU_FP32,
 ) -> dict[str, float]:
     """Time `asympo` and `decoupled_ppo` steps on one batch, alternating so that noise hits both alike."""
     batch = synthetic_batch(vocab, rows, length)
     optim = OptimConfig(micro_batch_size=rows, warmup_steps=0)
     learners = {
-        name: Learner(copy.deepcopy(model), ObjectiveConfig(name=name), optim)
+        name: Learner(copy.deepcopy(model), ObjectiveConfig(name=name), optim, placement=placement)
         for name in ("asympo", "decoupled_ppo")
     }
     times: dict[str, list[float]] = {name: [] for name in learners}

@@ -57,12 +57,12 @@ class BufferLayer(DynamicLayer):
 class SlotCache:
     """KV buffers and attention mask for a fixed set of slots (see the module docstring for the layout)."""
 
-    def __init__(self, num_slots: int, room: int):
+    def __init__(self, num_slots: int, room: int, device: torch.device | str = "cpu"):
         self.num_slots = num_slots
         self.room = max(room, 1)  # free columns left after a re-layout: decode steps until the next one
         self.end = 0
-        self.live = torch.zeros(num_slots, dtype=torch.bool)  # slots serving an unfinished sequence
-        self.mask = torch.zeros(num_slots, 0, dtype=torch.bool)
+        self.live = torch.zeros(num_slots, dtype=torch.bool, device=device)  # slots serving a live sequence
+        self.mask = torch.zeros(num_slots, 0, dtype=torch.bool, device=device)
         self.buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.cache: Cache | None = None  # what the model's forward gets
 
@@ -111,7 +111,7 @@ class SlotCache:
 
     def _allocate(self, like: KV, width: int) -> None:
         self.end = width
-        self.mask = torch.zeros(self.num_slots, width + self.room, dtype=torch.bool)
+        self.mask = self.mask.new_zeros(self.num_slots, width + self.room)
         self.buffers = []
         for keys, values in like:
             shape = (self.num_slots, keys.shape[1], width + self.room, keys.shape[3])

@@ -42,13 +42,17 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor
     """
     cdf = probs.double().cumsum(-1)
     total = cdf[:, -1:]
-    u = torch.rand(total.shape, dtype=torch.float64, generator=generator) * total
+    # drawn on the generator's device (the CPU), so a seed gives the same draws whatever device decodes
+    u = torch.rand(total.shape, dtype=torch.float64, generator=generator).to(cdf.device) * total
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
     return torch.searchsorted(cdf, u, right=True)[:, 0]
 
 
 class HFEngine:
-    """Generates with its own copy of the policy, at whichever version the runtime loaded into it."""
+    """Generates with its own copy of the policy, at whichever version the runtime loaded into it.
+
+    It runs on the model's device, in the model's dtype: a bf16 copy keeps a bf16 KV cache (see
+    asympo.models.device.for_engine); logits are sampled in float32."""
 
     def __init__(
         self,
@@ -61,6 +65,7 @@ class HFEngine:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self.model = model.eval()
+        self.device = next(model.parameters()).device
         self.max_batch = max_batch  # live sequences at once; more prompts wait for a free slot
         self.return_logprobs = return_logprobs  # off: samples carry ids, text and version only
         # transformers 5 renamed `past_key_values` to `cache`; accept both so older releases work too.
@@ -125,9 +130,10 @@ class HFEngine:
         reasons = ["length"] * total
         num_slots = min(self.max_batch, total)
         compact_at = max(1, round(num_slots * COMPACT_FRACTION))
-        slots = SlotCache(num_slots, room=min(sampling.max_new_tokens, 64))
+        device = self.device
+        slots = SlotCache(num_slots, room=min(sampling.max_new_tokens, 64), device=device)
         owner = [-1] * num_slots  # the sequence each slot serves, -1 when free
-        positions = torch.zeros(num_slots, dtype=torch.long)  # position id of each slot's next token
+        positions = torch.zeros(num_slots, dtype=torch.long, device=device)  # each slot's next position id
         logits: torch.Tensor | None = None  # each slot's next-token logits
         started = 0  # prompts[started:] are waiting
         stash = PrefillStash(prompts)
@@ -145,7 +151,7 @@ class HFEngine:
                     owner[s] = seq
                 for prompt, into in taking.items():
                     cache, first_logits = stash.take(prompt, len(into))
-                    slots.insert(torch.tensor(into), cache)
+                    slots.insert(torch.tensor(into, device=device), cache)
                     if logits is None:
                         logits = first_logits.new_empty(num_slots, len(first_logits))
                     logits[into] = first_logits
@@ -154,7 +160,7 @@ class HFEngine:
             active = [s for s, seq in enumerate(owner) if seq >= 0]
             if not active:
                 return responses, logprobs, reasons
-            index = torch.tensor(active)
+            index = torch.tensor(active, device=device)
             tokens, token_lp = sample_tokens(logits[index], sampling, generator)
             finished = []
             for s, token, lp in zip(active, tokens.tolist(), token_lp.tolist(), strict=True):
@@ -170,9 +176,9 @@ class HFEngine:
             slots.retire(finished)
             if len(finished) == len(active) and started == total:
                 return responses, logprobs, reasons
-            step_tokens = torch.full((len(owner),), self.pad_id).index_copy_(0, index, tokens)
+            step_tokens = torch.full((len(owner),), self.pad_id, device=device).index_copy_(0, index, tokens)
             if started == total and len(finished) and owner.count(-1) >= compact_at:
-                keep = torch.tensor([s for s, seq in enumerate(owner) if seq >= 0])
+                keep = torch.tensor([s for s, seq in enumerate(owner) if seq >= 0], device=device)
                 slots.select(keep)  # nothing left to refill with: stop computing finished rows
                 owner = [owner[s] for s in keep.tolist()]
                 positions, step_tokens = positions[keep], step_tokens[keep]
@@ -192,8 +198,10 @@ class HFEngine:
         if not prompts:
             return
         width = max(len(p) for p in prompts)
-        input_ids = torch.tensor([[self.pad_id] * (width - len(p)) + list(p) for p in prompts])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        input_ids = torch.tensor(
+            [[self.pad_id] * (width - len(p)) + list(p) for p in prompts], device=self.device
+        )
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
         cache = DynamicCache()
         out = self.model(
             input_ids=input_ids,

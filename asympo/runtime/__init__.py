@@ -12,6 +12,7 @@ from asympo.config import TrainConfig
 from asympo.data.tasks import Problem
 from asympo.errors import UserError
 from asympo.learner import publishable_weights
+from asympo.models.device import CPU_FP32, Placement, for_engine
 from asympo.rollout.hf import HFEngine
 from asympo.runtime.buffer import Scorer
 from asympo.runtime.lag import LagRuntime
@@ -34,11 +35,13 @@ def build_runtime(
     problems: Iterator[Problem],
     cursor: int,
     score: Scorer,
+    placement: Placement = CPU_FP32,
 ) -> Runtime:
-    """The runtime for `cfg.runtime.mode`; `problems` starts at the data cursor `cursor`."""
+    """The runtime for `cfg.runtime.mode`; `problems` starts at the data cursor `cursor`. In-process engines
+    get their own copy of the policy on the learner's device, in the placement's dtype."""
     engine_logprobs = cfg.behaviour.compare or cfg.behaviour.source == "engine"
     if cfg.runtime.backend == "ray":
-        runtime = build_ray(cfg, model, version, problems, score, engine_logprobs)
+        runtime = build_ray(cfg, model, version, problems, score, engine_logprobs, placement)
         runtime.cursor = cursor
         return runtime
     if cfg.rollout.engine in ("openai", "vllm"):
@@ -47,10 +50,14 @@ def build_runtime(
         return runtime
     if cfg.runtime.mode == "async":
         learner_threads(cfg)
-        runtime = AsyncRuntime(*worker_pool_args(cfg, model, version, problems, score, engine_logprobs))
+        args = worker_pool_args(cfg, model, version, problems, score, engine_logprobs, placement)
+        runtime = AsyncRuntime(*args)
     else:
         engine = HFEngine(
-            copy.deepcopy(model), tokenizer, return_logprobs=engine_logprobs, max_batch=cfg.rollout.max_batch
+            for_engine(copy.deepcopy(model), placement),
+            tokenizer,
+            return_logprobs=engine_logprobs,
+            max_batch=cfg.rollout.max_batch,
         )
         lag = runtime_lag(cfg.runtime.mode, cfg.runtime.lag)
         runtime = LagRuntime(engine, problems, score, cfg.rollout, lag, cfg.seed)
@@ -70,6 +77,7 @@ def build_ray(
     problems: Iterator[Problem],
     score: Scorer,
     engine_logprobs: bool,
+    placement: Placement,
 ):
     """`runtime.backend=ray`: the async runtime with Ray actors as its rollout workers."""
     if cfg.runtime.mode != "async":
@@ -79,7 +87,7 @@ def build_ray(
     from asympo.runtime.ray_backend import RayRuntime  # Ray is an optional extra
 
     learner_threads(cfg)  # the driver is the learner
-    args = worker_pool_args(cfg, model, version, problems, score, engine_logprobs)
+    args = worker_pool_args(cfg, model, version, problems, score, engine_logprobs, placement)
     return RayRuntime(*args, address=cfg.runtime.ray_address, num_cpus=cfg.runtime.ray_num_cpus)
 
 
@@ -90,13 +98,18 @@ def worker_pool_args(
     problems: Iterator[Problem],
     score: Scorer,
     engine_logprobs: bool,
+    placement: Placement,
 ) -> tuple:
-    """The arguments shared by the async runtimes that own their rollout workers (processes, Ray actors)."""
+    """The arguments shared by the async runtimes that own their rollout workers (processes, Ray actors):
+    the first weights in the engines' dtype, and a device per worker (see asympo.runtime.devices)."""
+    from asympo.runtime.devices import worker_devices
+
     rt = cfg.runtime
+    devices, weights = worker_devices(cfg, placement, model), publishable_weights(model, placement.dtype)
     return (
-        cfg.model, publishable_weights(model), version, problems, score, cfg.rollout, cfg.seed,
+        cfg.model, weights, version, problems, score, cfg.rollout, cfg.seed,
         rt.workers, rt.worker_threads, rt.max_staleness, rt.jobs_per_worker, cfg.faults.max_worker_restarts,
-        engine_logprobs,
+        engine_logprobs, devices, placement.precision,
     )  # fmt: skip
 
 

@@ -71,11 +71,13 @@ def worker_main(jobs, results, shared: SharedWeights, model: str, rollout: Rollo
     torch.set_num_threads(opts["threads"])
     from transformers.utils import logging as hf_logging
 
+    from asympo.models.device import Placement, for_engine
     from asympo.models.load import load_policy
     from asympo.rollout.hf import HFEngine
 
     hf_logging.disable_progress_bar()
     policy, tokenizer = load_policy(model)
+    policy = for_engine(policy, Placement(torch.device(opts["device"]), opts["precision"]))
     engine = HFEngine(
         policy, tokenizer, version=-1, return_logprobs=opts["return_logprobs"], max_batch=rollout.max_batch
     )
@@ -102,7 +104,14 @@ class Worker:
         self.in_flight: dict[int, Job] = {}
         self.process = CTX.Process(
             target=worker_main,
-            args=(job_reader, result_writer, runtime.shared, runtime.model, runtime.rollout, runtime.opts),
+            args=(
+                job_reader,
+                result_writer,
+                runtime.shared,
+                runtime.model,
+                runtime.rollout,
+                runtime.opts[index],
+            ),
             name=f"asympo-rollout-{index}",
             daemon=True,
         )
@@ -149,6 +158,8 @@ class AsyncRuntime:
         jobs_per_worker: int = 2,
         max_worker_restarts: int = 5,
         return_logprobs: bool = True,
+        devices: list[str] | None = None,
+        precision: str = "fp32",
     ):
         self.model, self.rollout, self.problems, self.score, self.seed = model, rollout, problems, score, seed
         self.max_staleness, self.depth, self.max_restarts = (
@@ -156,7 +167,16 @@ class AsyncRuntime:
             jobs_per_worker,
             max_worker_restarts,
         )
-        self.opts = {"threads": worker_threads, "return_logprobs": return_logprobs}
+        devices = devices or ["cpu"] * workers  # one per worker (see asympo.runtime.devices)
+        self.opts = [
+            {
+                "threads": worker_threads,
+                "return_logprobs": return_logprobs,
+                "device": d,
+                "precision": precision,
+            }
+            for d in devices
+        ]
         self.lag = max_staleness  # what the behaviour-log-prob snapshot store must cover
         self.shared = SharedWeights(weights, version)
         self.learner_version = version

@@ -43,15 +43,28 @@ class RolloutActor:
     """One rollout worker. Jobs run one at a time; `offer` and `pid` run on their own thread, so a version
     published while a job waits in the queue is still the one the job starts with."""
 
-    def __init__(self, model: str, rollout: RolloutConfig, threads: int, return_logprobs: bool):
+    def __init__(
+        self,
+        model: str,
+        rollout: RolloutConfig,
+        threads: int,
+        return_logprobs: bool,
+        device: str,
+        precision: str,
+    ):
         torch.set_num_threads(threads)
         from transformers.utils import logging as hf_logging
 
+        from asympo.models.device import Placement, for_engine
         from asympo.models.load import load_policy
         from asympo.rollout.hf import HFEngine
 
         hf_logging.disable_progress_bar()
         policy, tokenizer = load_policy(model)
+        # an actor given a GPU (num_gpus=1) sees only that one, as cuda:0
+        policy = for_engine(
+            policy, Placement(torch.device("cuda" if device.startswith("cuda") else "cpu"), precision)
+        )
         self.engine = HFEngine(
             policy, tokenizer, version=-1, return_logprobs=return_logprobs, max_batch=rollout.max_batch
         )
@@ -160,12 +173,15 @@ class RayRuntime:
         jobs_per_worker: int = 2,
         max_worker_restarts: int = 5,
         return_logprobs: bool = True,
+        devices: list[str] | None = None,
+        precision: str = "fp32",
         address: str | None = None,
         num_cpus: int | None = None,
     ):
         self.model, self.rollout, self.problems, self.score, self.seed = model, rollout, problems, score, seed
         self.depth, self.max_restarts, self.threads = jobs_per_worker, max_worker_restarts, worker_threads
         self.return_logprobs = return_logprobs
+        self.devices, self.precision = devices or ["cpu"] * workers, precision
         self.lag = max_staleness  # what the behaviour-log-prob snapshot store must cover
         self.job_prompts = math.ceil(rollout.prompts_per_step / workers)
         self.buffer = StalenessBuffer(max_staleness)
@@ -179,12 +195,22 @@ class RayRuntime:
         self.spawned = 0
         try:
             self._check_cpus(workers * worker_threads)
+            self._check_gpus()
             self.publish(version, weights)
             self.model = local_path(model)
-            self.workers = [self._spawn() for _ in range(workers)]
+            self.workers = [self._spawn(i) for i in range(workers)]
         except BaseException:
             self.close()
             raise
+
+    def _check_gpus(self) -> None:
+        """Likewise for GPUs: one per rollout actor given a CUDA device."""
+        needed = sum(d.startswith("cuda") for d in self.devices)
+        have = ray.cluster_resources().get("GPU", 0)
+        if needed > have:
+            raise UserError(
+                f"runtime.worker_devices asks for {needed} GPU actor(s); the Ray cluster has {have:g} GPUs"
+            )
 
     def _check_cpus(self, needed: int) -> None:
         """An actor asking for more CPUs than the cluster has would wait forever, silently."""
@@ -195,11 +221,13 @@ class RayRuntime:
                 "(a local Ray gets runtime.ray_num_cpus, default all of this machine's)"
             )
 
-    def _spawn(self) -> Worker:
+    def _spawn(self, index: int) -> Worker:
         self.spawned += 1  # a fresh name each time: `ray list actors` shows which one replaced which
         name = f"asympo-rollout-{self.spawned}"
-        actor = RolloutActor.options(num_cpus=self.threads, max_restarts=0, name=name).remote(
-            self.model, self.rollout, self.threads, self.return_logprobs
+        device = self.devices[index]
+        gpus = 1 if device.startswith("cuda") else 0  # Ray picks the GPU; the actor sees it as cuda:0
+        actor = RolloutActor.options(num_cpus=self.threads, num_gpus=gpus, max_restarts=0, name=name).remote(
+            self.model, self.rollout, self.threads, self.return_logprobs, device, self.precision
         )
         return Worker(actor)
 
@@ -269,7 +297,7 @@ class RayRuntime:
                 f"rollout actors died {self.counts['worker_restarts']} times "
                 f"(limit faults.max_worker_restarts={self.max_restarts}); last: {cause}"
             )
-        self.workers[index] = self._spawn()
+        self.workers[index] = self._spawn(index)
 
     def close(self) -> None:
         """Stop the actors at once (their results are not needed); stop the local Ray this runtime started,

@@ -18,6 +18,7 @@ from asympo.errors import UserError
 
 
 def run_serve(cfg: ServeConfig) -> None:
+    from asympo.models.device import for_engine, resolve
     from asympo.models.load import load_policy
     from asympo.serve.app import App
     from asympo.serve.server import ApiServer
@@ -31,6 +32,8 @@ def run_serve(cfg: ServeConfig) -> None:
         raise UserError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}") from None
     try:
         model, tokenizer = load_policy(cfg.model)
+        placement = resolve(cfg.device, cfg.precision, model)
+        model = for_engine(model, placement)
     except BaseException:
         server.server_close()
         raise
@@ -40,8 +43,10 @@ def run_serve(cfg: ServeConfig) -> None:
     host, port = server.server_address[:2]
     shown = f"[{host}]" if ":" in host else host
     auth = f", API key from ${cfg.api_key_env} required" if api_key else ""
+    where = f"{placement.device} {placement.precision}"
     print(
-        f"asympo serve: listening on http://{shown}:{port}/v1 (model {served}, version {app.version}){auth}",
+        f"asympo serve: listening on http://{shown}:{port}/v1 (model {served}, version {app.version}, "
+        f"{where}){auth}",
         flush=True,
     )
     stop = threading.Event()

@@ -1,0 +1,72 @@
+"""Which device each rollout worker of the `async` runtime decodes on, and whether a GPU shared with the
+learner has room for it.
+
+Layouts: the learner on the CPU keeps its workers on the CPU unless told otherwise. The learner on a GPU
+needs `runtime.worker_devices`: other GPUs (the usual layout: cuda:0 learns, cuda:1.. generate), or its own
+GPU to colocate a worker, which is allowed only when the estimate below fits in the GPU's free memory.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel
+
+from asympo.config import TrainConfig
+from asympo.errors import UserError
+from asympo.models.device import Placement, free_memory, resolve_device
+
+LEARNER_BYTES_PER_PARAM = 12  # still to come once the float32 weights are placed: gradients and AdamW's two
+HEADROOM = 0.9  # plan on at most this share of the free memory: allocator fragmentation, CUDA context
+PROMPT_ALLOWANCE = 512  # prompt tokens per sequence assumed by the KV-cache estimate
+
+
+def kv_cache_bytes(model: PreTrainedModel, sequences: int, tokens: int, element_bytes: int) -> int:
+    """Keys and values of `sequences` x `tokens` positions over every layer."""
+    config = model.config
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * heads * head_dim * sequences * tokens * element_bytes
+
+
+def engine_bytes(model: PreTrainedModel, placement: Placement, max_batch: int, tokens: int) -> int:
+    """A rollout worker's weights in its dtype plus a full KV cache of `max_batch` x `tokens` positions."""
+    element = torch.empty((), dtype=placement.dtype).element_size()
+    params = sum(p.numel() for p in model.parameters())
+    return params * element + kv_cache_bytes(model, max_batch, tokens, element)
+
+
+def learner_bytes_to_come(model: PreTrainedModel) -> int:
+    return LEARNER_BYTES_PER_PARAM * sum(p.numel() for p in model.parameters())
+
+
+def check_colocation(free: int, learner: int, workers: int, per_worker: int, device: torch.device) -> None:
+    """A clear error, before anything is started, when colocated workers would run the GPU out of memory."""
+    need = learner + workers * per_worker
+    if need > HEADROOM * free:
+        gib = 1 << 30
+        raise UserError(
+            f"{device} has {free / gib:.1f} GiB free; the learner still needs ~{learner / gib:.1f} GiB "
+            f"(gradients, AdamW) and {workers} colocated rollout worker(s) ~{per_worker / gib:.1f} GiB each "
+            "(weights, KV cache): use runtime.mode=lag on one GPU, or put the workers on other GPUs"
+        )
+
+
+def worker_devices(cfg: TrainConfig, learner: Placement, model: PreTrainedModel) -> list[str]:
+    """One device name per rollout worker (`runtime.worker_devices`, cycled), checked before any start."""
+    rt = cfg.runtime
+    if not rt.worker_devices:
+        if learner.device.type == "cuda":
+            raise UserError(
+                f"runtime.mode=async with the learner on {learner.device} needs runtime.worker_devices: "
+                f"other GPUs (e.g. [cuda:1]), or [{learner.device}] to share the learner's GPU (after a "
+                "memory check); on a single GPU, runtime.mode=lag gives the same staleness, one engine copy"
+            )
+        return ["cpu"] * rt.workers
+    devices = [resolve_device(rt.worker_devices[i % len(rt.worker_devices)]) for i in range(rt.workers)]
+    shared = sum(d == learner.device for d in devices)
+    if shared and learner.device.type == "cuda":
+        tokens = PROMPT_ALLOWANCE + cfg.rollout.max_new_tokens
+        per_worker = engine_bytes(model, learner, cfg.rollout.max_batch, tokens)
+        check_colocation(free_memory(learner.device), learner_bytes_to_come(model), shared, per_worker,
+                         learner.device)  # fmt: skip
+    return [str(d) for d in devices]
