@@ -223,14 +223,22 @@ def test_resolve_takes_the_model_size_into_account(small_model):
     assert placement.describe().startswith("cpu fp32")
 
 
-def test_async_on_a_gpu_learner_needs_worker_devices(small_model):
+def test_async_workers_go_where_the_learner_is_unless_placed(small_model, monkeypatch):
     cfg = TrainConfig(runtime=RuntimeConfig(workers=2))
-    gpu = Placement(torch.device("cuda", 0), "bf16")
-    with pytest.raises(UserError, match="runtime.worker_devices.*runtime.mode=lag"):
-        worker_devices(cfg, gpu, small_model)
     assert worker_devices(cfg, BF16, small_model) == ["cpu", "cpu"]
     cfg = TrainConfig(runtime=RuntimeConfig(workers=3, worker_devices=["cpu"]))
     assert worker_devices(cfg, BF16, small_model) == ["cpu"] * 3
+    # a learner on a GPU colocates its workers after the memory check (the device lookup and the free
+    # memory are what only a GPU can answer: stood in for here)
+    gpu = Placement(torch.device("cuda", 0), "bf16")
+    monkeypatch.setattr("asympo.runtime.devices.resolve_device", torch.device)
+    monkeypatch.setattr("asympo.runtime.devices.free_memory", lambda device: 80 << 30)
+    assert worker_devices(TrainConfig(runtime=RuntimeConfig(workers=2)), gpu, small_model) == ["cuda:0"] * 2
+    monkeypatch.setattr("asympo.runtime.devices.free_memory", lambda device: 1 << 10)
+    with pytest.raises(UserError, match="runtime.mode=lag on one GPU"):
+        worker_devices(TrainConfig(), gpu, small_model)
+    cfg = TrainConfig(runtime=RuntimeConfig(worker_devices=["cuda:1"]))
+    assert worker_devices(cfg, gpu, small_model) == ["cuda:1"]  # another GPU: nothing to share
 
 
 def test_the_colocation_memory_check_refuses_what_does_not_fit(small_model):

@@ -1,9 +1,10 @@
 """Which device each rollout worker of the `async` runtime decodes on, and whether a GPU shared with the
 learner has room for it.
 
-Layouts: the learner on the CPU keeps its workers on the CPU unless told otherwise. The learner on a GPU
-needs `runtime.worker_devices`: other GPUs (the usual layout: cuda:0 learns, cuda:1.. generate), or its own
-GPU to colocate a worker, which is allowed only when the estimate below fits in the GPU's free memory.
+Layouts: by default the workers go where the learner is. On the CPU that is the old layout; on a GPU it
+colocates them with the learner, which is allowed only when the estimate below fits in the GPU's free
+memory (else a clear error: use `runtime.mode=lag` on one GPU, or other GPUs). `runtime.worker_devices`
+places them elsewhere: the usual layout with several GPUs is cuda:0 learning, cuda:1.. generating.
 """
 
 from __future__ import annotations
@@ -47,22 +48,19 @@ def check_colocation(free: int, learner: int, workers: int, per_worker: int, dev
         raise UserError(
             f"{device} has {free / gib:.1f} GiB free; the learner still needs ~{learner / gib:.1f} GiB "
             f"(gradients, AdamW) and {workers} colocated rollout worker(s) ~{per_worker / gib:.1f} GiB each "
-            "(weights, KV cache): use runtime.mode=lag on one GPU, or put the workers on other GPUs"
+            "(weights, KV cache): use runtime.mode=lag on one GPU, put the workers on other GPUs "
+            "(runtime.worker_devices=[cuda:1]), or lower rollout.max_batch"
         )
 
 
 def worker_devices(cfg: TrainConfig, learner: Placement, model: PreTrainedModel) -> list[str]:
-    """One device name per rollout worker (`runtime.worker_devices`, cycled), checked before any start."""
+    """One device name per rollout worker (`runtime.worker_devices`, cycled), checked before any start.
+
+    Unset, the workers go where the learner is: on the CPU as always, and on a GPU colocated with the
+    learner, which the memory check below must allow (otherwise its error names the alternatives)."""
     rt = cfg.runtime
-    if not rt.worker_devices:
-        if learner.device.type == "cuda":
-            raise UserError(
-                f"runtime.mode=async with the learner on {learner.device} needs runtime.worker_devices: "
-                f"other GPUs (e.g. [cuda:1]), or [{learner.device}] to share the learner's GPU (after a "
-                "memory check); on a single GPU, runtime.mode=lag gives the same staleness, one engine copy"
-            )
-        return ["cpu"] * rt.workers
-    devices = [resolve_device(rt.worker_devices[i % len(rt.worker_devices)]) for i in range(rt.workers)]
+    names = rt.worker_devices or [str(learner.device)]
+    devices = [resolve_device(names[i % len(names)]) for i in range(rt.workers)]
     shared = sum(d == learner.device for d in devices)
     if shared and learner.device.type == "cuda":
         tokens = PROMPT_ALLOWANCE + cfg.rollout.max_new_tokens
