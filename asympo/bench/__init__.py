@@ -189,18 +189,19 @@ def bench_precision(cfg: BenchConfig, name: str, model, tokenizer, say) -> tuple
             cfg.learner_repeats,
             (256, 512) if cfg.quick else (1024, 2048, 4096) if device.type == "cuda" else (1024, 2048),
             say,
-        ),  # fmt: skip
+        ),
+        # a smaller decode workload than the engine part's: it runs twice per precision
         "decode": decode_precisions(
             model,
             tokenizer,
             device,
-            cfg.engine_prompts or (256 if tiny else 16),
-            cfg.engine_n,
+            cfg.engine_prompts or (64 if tiny else 8),
+            cfg.engine_n if tiny else 4,
             cfg.engine_batch,
-            cfg.engine_max_new_tokens or (48 if tiny else 192),
+            cfg.engine_max_new_tokens or (48 if tiny else 128),
             1 if cfg.quick else 2,
             say,
-        ),  # fmt: skip
+        ),
     }
     learner, decode = r["learner"], r["decode"]
     rows = [
