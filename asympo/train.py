@@ -20,7 +20,7 @@ from asympo.faults import Interrupted, RunAborted, SkipGuard, StopSignal, StopWa
 from asympo.io import atomic_write_text, ensure_writable_dir, save_model_atomic
 from asympo.learner import Learner
 from asympo.metrics import MetricsLog, console, progress_bar, rollout_metrics, summary_table
-from asympo.models.device import for_engine, resolve
+from asympo.models.device import engine_copy, resolve
 from asympo.models.load import load_policy
 from asympo.objectives import advantage_method
 from asympo.recompute import BehaviourRecompute
@@ -43,7 +43,6 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model, self.tokenizer = load_policy(cfg.model)
         self.placement = resolve(cfg.device, cfg.precision, self.model)
-        self.say(f"device: {self.placement.describe()}")
         temperature = cfg.rollout.temperature or 1.0
         self.learner = Learner(
             self.model, cfg.objective, cfg.optim, temperature, cfg.rollout.max_new_tokens, self.placement
@@ -88,7 +87,7 @@ class Trainer:
         engine = getattr(self.runtime, "engine", None)
         if isinstance(engine, HFEngine):
             return engine
-        model = for_engine(copy.deepcopy(self.model), self.placement)
+        model = engine_copy(self.model, self.placement)
         return HFEngine(model, self.tokenizer, version=-1, max_batch=self.cfg.rollout.max_batch)
 
     def restore(self) -> tuple[TrainState, list, bool]:
@@ -134,6 +133,7 @@ class Trainer:
 
     def run(self) -> dict:
         cfg = self.cfg
+        self.say(f"device: {self.placement.describe()}")  # once set-up has passed: bad input stays one line
         try:
             try:
                 before = self.state.counters.get("before") or self.evaluate()

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 FAST = ["task.test_size=20", "rollout.prompts_per_step=4", "rollout.group_size=4", "progress=false"]
 
@@ -25,6 +26,12 @@ def asympo(*args: str, cwd=None) -> subprocess.CompletedProcess:
         (["train", "out=/proc/asympo-forbidden"], "not writable"),
         (["train", "objective=grpo_typo"], "grpo_typo"),
         (["eval", "k=0"], "config k"),
+        (["serve", "device=gpu"], "device must be auto, cpu, cuda or cuda:N"),
+        pytest.param(
+            ["eval", "device=cuda:0"],
+            "device=cuda:0 asked for",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA"),
+        ),
     ],
 )
 def test_bad_input_is_one_line_exit_2_no_traceback(args, message, tmp_path):
@@ -73,10 +80,16 @@ def test_sft_then_eval_on_its_output(tmp_path):
         "model.num_kv_heads=1",
         "model.intermediate_size=32",
     ]
-    result = asympo("sft", "steps=5", "warmup=1", "eval_size=10", f"out={out}", "progress=false", *small)
+    bf16 = ["device=cpu", "precision=bf16"]  # the plumbing: bf16 autocast in sft, a bf16 engine in eval
+    result = asympo(
+        "sft", "steps=5", "warmup=1", "eval_size=10", f"out={out}", "progress=false", *small, *bf16
+    )
     assert result.returncode == 0, result.stderr
-    assert json.loads((out / "sft.json").read_text())["config"]["steps"] == 5
-    result = asympo("eval", f"model={out}", "k=3", "task.test_size=10", f"json_out={tmp_path / 'e.json'}")
+    assert json.loads((out / "sft.json").read_text())["config"]["precision"] == "bf16"
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"  # master weights are saved
+    result = asympo(
+        "eval", f"model={out}", "k=3", "task.test_size=10", f"json_out={tmp_path / 'e.json'}", *bf16
+    )
     assert result.returncode == 0, result.stderr
     printed = json.loads(result.stdout)
     assert set(printed) >= {"greedy_accuracy", "pass@1", "pass@3"}

@@ -24,12 +24,27 @@ from asympo.config import OptimConfig, RuntimeConfig, TrainConfig, build_config
 from asympo.errors import UserError
 from asympo.learner import Learner, publishable_weights
 from asympo.logprobs import token_logprobs
-from asympo.models.device import CPU_FP32, Placement, for_engine, resolve, resolve_device, resolve_precision
+from asympo.models.device import (
+    CPU_FP32,
+    Placement,
+    engine_copy,
+    for_engine,
+    resolve,
+    resolve_device,
+    resolve_precision,
+)
 from asympo.objectives.common import ObjectiveConfig
 from asympo.rollout import batching
 from asympo.rollout.base import SamplingConfig
 from asympo.rollout.hf import HFEngine
-from asympo.runtime.devices import check_colocation, engine_bytes, kv_cache_bytes, worker_devices
+from asympo.runtime.devices import (
+    activation_bytes,
+    check_colocation,
+    engine_bytes,
+    kv_cache_bytes,
+    learner_bytes_to_come,
+    worker_devices,
+)
 
 CPU = torch.device("cpu")
 BF16 = Placement(CPU, "bf16", "test")
@@ -192,6 +207,22 @@ def test_the_bf16_engine_keeps_bf16_weights_and_kv_cache_and_float32_rotary(
     assert dtypes and set(dtypes) == {torch.bfloat16}
 
 
+def test_an_engine_copy_is_cast_tied_and_separate_from_the_learner(small_model, tokenizer):
+    for placement in (BF16, CPU_FP32):
+        copied = engine_copy(small_model, placement)
+        assert all(p.dtype == placement.dtype and not p.requires_grad for p in copied.parameters())
+        assert copied.lm_head.weight is copied.model.embed_tokens.weight  # still tied
+        assert copied.model.rotary_emb.inv_freq.dtype == torch.float32
+        with torch.no_grad():
+            copied.model.norm.weight.fill_(3.0)  # its own storage: the learner's weights are untouched
+        assert not torch.equal(small_model.model.norm.weight, copied.model.norm.weight.float())
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in small_model.parameters())
+    reference = for_engine(copy.deepcopy(small_model), BF16)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(engine_copy(small_model, BF16)(ids).logits, reference(ids).logits)
+
+
 def test_bf16_engine_logprobs_match_the_float32_learner_within_bf16_precision(tiny_model):
     """The training-inference mismatch that feeds grpo's ratio: bf16 engine vs float32 learner."""
     model, tokenizer = tiny_model
@@ -248,6 +279,18 @@ def test_the_colocation_memory_check_refuses_what_does_not_fit(small_model):
     assert kv_cache_bytes(small_model, 4, 10, 2) == per_token * 40
     params = sum(p.numel() for p in small_model.parameters())
     assert engine_bytes(small_model, BF16, 4, 10) == params * 2 + per_token * 40
+    checkpointed = activation_bytes(small_model, 1000, checkpointing=True, bf16=True)
+    assert (
+        0
+        < checkpointed
+        < activation_bytes(small_model, 1000, False, True)
+        < activation_bytes(small_model, 1000, False, False)
+    )
+    cfg = TrainConfig()
+    tokens = cfg.optim.micro_batch_size * (512 + cfg.rollout.max_new_tokens)
+    assert learner_bytes_to_come(cfg, small_model, BF16) == (
+        12 * params + activation_bytes(small_model, tokens, False, True) + 2 * params  # + the eval copy
+    )
     gib = 1 << 30
     check_colocation(free=40 * gib, learner=20 * gib, workers=1, per_worker=10 * gib, device=CPU)
     with pytest.raises(UserError, match="runtime.mode=lag"):

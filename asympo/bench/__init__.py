@@ -8,7 +8,6 @@ this machine's matmul peak, async vs sync (training samples/s), and bf16 vs floa
 
 from __future__ import annotations
 
-import copy
 import json
 from importlib.util import find_spec
 from pathlib import Path
@@ -20,7 +19,7 @@ from rich.table import Table
 
 from asympo.io import atomic_write_text, ensure_writable_dir
 from asympo.metrics import console
-from asympo.models.device import Placement, Precision, check_device_name, for_engine, resolve
+from asympo.models.device import Placement, Precision, check_device_name, engine_copy, resolve
 
 Section = Literal["engine", "learner", "runtime", "backends", "precision"]
 COLUMNS = ("measure", "asympo", "reference", "ratio", "target")
@@ -86,7 +85,7 @@ def row(measure: str, ours: float, reference: float, digits: int, ratio: str, ta
 def bench_engine(cfg: BenchConfig, name: str, model, tokenizer, say) -> tuple[dict, list[Row]]:
     from asympo.bench.engine import engine_vs_generate
 
-    model = for_engine(copy.deepcopy(model), cfg_placement(cfg, model))  # the learner part needs float32
+    model = engine_copy(model, cfg_placement(cfg, model))  # the learner part needs float32
     tiny = name.startswith("tiny")
     prompts, max_new = (
         cfg.engine_prompts or (256 if tiny else 16),

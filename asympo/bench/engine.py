@@ -51,8 +51,8 @@ def run_generate(
     for start in range(0, len(prompts), batch):
         chunk = prompts[start : start + batch]
         width = max(len(p) for p in chunk)
-        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])
-        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=engine.device)
+        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=engine.device)
         out = model.generate(
             input_ids=input_ids,
             attention_mask=attention,

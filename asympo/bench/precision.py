@@ -22,7 +22,7 @@ from asympo.bench.engine import make_prompts, useful_tokens
 from asympo.bench.learner import matmul_peak, step_flops, synthetic_batch
 from asympo.config import OptimConfig
 from asympo.learner import Learner
-from asympo.models.device import Placement, for_engine
+from asympo.models.device import Placement, engine_copy
 from asympo.objectives.common import ObjectiveConfig
 from asympo.rollout.base import SamplingConfig
 from asympo.rollout.hf import HFEngine
@@ -124,7 +124,7 @@ def decode_precisions(
     """Useful tokens/s of the engine with float32 weights and with bf16 weights (and KV cache), same prompts
     and seeds, alternating."""
     engines = {
-        p: HFEngine(for_engine(copy.deepcopy(model), Placement(device, p)), tokenizer, max_batch=batch)
+        p: HFEngine(engine_copy(model, Placement(device, p)), tokenizer, max_batch=batch)
         for p in ("fp32", "bf16")
     }
     sampling = SamplingConfig(temperature=1.0, max_new_tokens=max_new_tokens)

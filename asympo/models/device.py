@@ -13,6 +13,7 @@ elementwise work and Python overhead, and measured the same, 0.15 s, in bf16 and
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import re
 import time
@@ -86,7 +87,7 @@ def resolve_precision(
     if name != "auto":
         return name, "asked for"
     if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
+        if torch.cuda.get_device_capability(device)[0] >= 8:  # Ampere and newer run bf16 natively
             return "bf16", f"{torch.cuda.get_device_name(device)} runs bf16"
         return "fp32", f"{torch.cuda.get_device_name(device)} has no bf16"
     if device.type != "cpu":
@@ -158,6 +159,24 @@ def for_engine(model: torch.nn.Module, placement: Placement) -> torch.nn.Module:
         module = model.get_submodule(owner) if owner else model
         module._buffers[leaf] = buf.to(placement.device)
     return model
+
+
+def engine_copy(model: torch.nn.Module, placement: Placement) -> torch.nn.Module:
+    """An engine's own copy of `model` on the placement's device and dtype, made without a transient float32
+    copy (4 B/param more on a GPU for a moment: 6.4 GiB for a 1.7B model): deepcopy is handed each parameter
+    and state-dict buffer already cast, through its memo, and copies only the module structure around them."""
+    persistent = {id(t) for t in model.state_dict(keep_vars=True).values()}
+    memo: dict[int, object] = {}
+    for tensor in model.parameters():
+        if id(tensor) not in memo:  # a tied weight is cast once and stays tied
+            dtype = placement.dtype if tensor.is_floating_point() else None
+            cast = tensor.detach().to(placement.device, dtype=dtype, copy=True)
+            memo[id(tensor)] = torch.nn.Parameter(cast, requires_grad=False)
+    for tensor in model.buffers():
+        floating = tensor.is_floating_point() and id(tensor) in persistent  # rotary frequencies keep float32
+        dtype = placement.dtype if floating else None
+        memo.setdefault(id(tensor), tensor.to(placement.device, dtype=dtype, copy=True))
+    return copy.deepcopy(model, memo)
 
 
 def free_memory(device: torch.device) -> int | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator
 
 import torch
@@ -12,7 +11,7 @@ from asympo.config import TrainConfig
 from asympo.data.tasks import Problem
 from asympo.errors import UserError
 from asympo.learner import publishable_weights
-from asympo.models.device import CPU_FP32, Placement, for_engine
+from asympo.models.device import CPU_FP32, Placement, engine_copy
 from asympo.rollout.hf import HFEngine
 from asympo.runtime.buffer import Scorer
 from asympo.runtime.lag import LagRuntime
@@ -54,7 +53,7 @@ def build_runtime(
         runtime = AsyncRuntime(*args)
     else:
         engine = HFEngine(
-            for_engine(copy.deepcopy(model), placement),
+            engine_copy(model, placement),
             tokenizer,
             return_logprobs=engine_logprobs,
             max_batch=cfg.rollout.max_batch,

@@ -16,9 +16,11 @@ from asympo.config import TrainConfig
 from asympo.errors import UserError
 from asympo.models.device import Placement, free_memory, resolve_device
 
-LEARNER_BYTES_PER_PARAM = 12  # still to come once the float32 weights are placed: gradients and AdamW's two
+LEARNER_BYTES_PER_PARAM = (
+    12  # to come once the float32 weights are placed: gradients (4), AdamW's moments (8)
+)
 HEADROOM = 0.9  # plan on at most this share of the free memory: allocator fragmentation, CUDA context
-PROMPT_ALLOWANCE = 512  # prompt tokens per sequence assumed by the KV-cache estimate
+PROMPT_ALLOWANCE = 512  # prompt tokens per sequence assumed by the KV-cache and activation estimates
 
 
 def kv_cache_bytes(model: PreTrainedModel, sequences: int, tokens: int, element_bytes: int) -> int:
@@ -36,8 +38,31 @@ def engine_bytes(model: PreTrainedModel, placement: Placement, max_batch: int, t
     return params * element + kv_cache_bytes(model, max_batch, tokens, element)
 
 
-def learner_bytes_to_come(model: PreTrainedModel) -> int:
-    return LEARNER_BYTES_PER_PARAM * sum(p.numel() for p in model.parameters())
+def activation_bytes(model: PreTrainedModel, tokens: int, checkpointing: bool, bf16: bool) -> int:
+    """What autograd keeps for a micro-batch of `tokens` tokens. Per token and layer under bf16 autocast:
+    26h (two RMSNorms' float32 input and output, the bf16 casts feeding five projections) + 8i (the MLP's
+    gate, SiLU, up and product) + 4(q + kv) (attention's q, output, k, v), + 6(q + kv) for Qwen3's q/k norms;
+    this matched a count of autograd's saved tensors to 0.2%; float32 keeps ~1.5x. With checkpointing each
+    layer keeps its float32 input (4h) and one layer at a time is recomputed."""
+    c = model.config
+    h, i, layers = c.hidden_size, c.intermediate_size, c.num_hidden_layers
+    head_dim = getattr(c, "head_dim", None) or h // c.num_attention_heads
+    q = c.num_attention_heads * head_dim
+    kv = (getattr(c, "num_key_value_heads", None) or c.num_attention_heads) * head_dim
+    per_layer = 26 * h + 8 * i + 4 * (q + kv) + (6 * (q + kv) if c.model_type == "qwen3" else 0)
+    per_layer = per_layer if bf16 else per_layer * 3 // 2
+    if checkpointing:
+        return tokens * (layers * 4 * h + per_layer)
+    return tokens * layers * per_layer
+
+
+def learner_bytes_to_come(cfg: TrainConfig, model: PreTrainedModel, learner: Placement) -> int:
+    """Once the float32 weights are placed: gradients and AdamW's state, one micro-batch's activations, and
+    (bf16) the evaluation engine's own bf16 copy of the weights."""
+    params = sum(p.numel() for p in model.parameters())
+    tokens = cfg.optim.micro_batch_size * (PROMPT_ALLOWANCE + cfg.rollout.max_new_tokens)
+    activations = activation_bytes(model, tokens, cfg.optim.gradient_checkpointing, learner.bf16)
+    return LEARNER_BYTES_PER_PARAM * params + activations + (2 * params if learner.bf16 else 0)
 
 
 def check_colocation(free: int, learner: int, workers: int, per_worker: int, device: torch.device) -> None:
@@ -47,7 +72,8 @@ def check_colocation(free: int, learner: int, workers: int, per_worker: int, dev
         gib = 1 << 30
         raise UserError(
             f"{device} has {free / gib:.1f} GiB free; the learner still needs ~{learner / gib:.1f} GiB "
-            f"(gradients, AdamW) and {workers} colocated rollout worker(s) ~{per_worker / gib:.1f} GiB each "
+            f"(gradients, AdamW, activations) and {workers} colocated rollout worker(s) "
+            f"~{per_worker / gib:.1f} GiB each "
             "(weights, KV cache): use runtime.mode=lag on one GPU, put the workers on other GPUs "
             "(runtime.worker_devices=[cuda:1]), or lower rollout.max_batch"
         )
@@ -65,6 +91,6 @@ def worker_devices(cfg: TrainConfig, learner: Placement, model: PreTrainedModel)
     if shared and learner.device.type == "cuda":
         tokens = PROMPT_ALLOWANCE + cfg.rollout.max_new_tokens
         per_worker = engine_bytes(model, learner, cfg.rollout.max_batch, tokens)
-        check_colocation(free_memory(learner.device), learner_bytes_to_come(model), shared, per_worker,
-                         learner.device)  # fmt: skip
+        learner_need = learner_bytes_to_come(cfg, model, learner)
+        check_colocation(free_memory(learner.device), learner_need, shared, per_worker, learner.device)
     return [str(d) for d in devices]
