@@ -37,10 +37,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PretrainedConfig, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 from transformers.utils import logging as hf_logging
 
-from asympo.bench.engine import make_prompts, useful_tokens
+from asympo.bench.engine import make_prompts, run_generate, useful_tokens
 from asympo.bench.learner import matmul_peak, step_flops, synthetic_batch
 from asympo.bench.precision import device_description
 from asympo.config import OptimConfig
@@ -52,6 +52,7 @@ from asympo.models.load import load_policy
 from asympo.objectives.common import ObjectiveConfig
 from asympo.rollout.base import SamplingConfig
 from asympo.rollout.hf import HFEngine
+from asympo.runtime.devices import activation_bytes
 
 console = Console()
 GIB = 1 << 30
@@ -112,24 +113,10 @@ def qwen3_model(device: torch.device, small: bool) -> Qwen3ForCausalLM:
         return Qwen3ForCausalLM(config)
 
 
-def activation_bytes(config: PretrainedConfig, tokens: int, checkpointing: bool, precision: str) -> float:
-    """What autograd keeps for the decoder's backward (docs/gpu.md): per token and layer under bf16 autocast
-    26h + 8i + 4(q + kv) bytes, plus 6(q + kv) for Qwen3's q/k norms, as counted with saved_tensors_hooks on
-    real layer shapes; float32 keeps ~1.5x that. Checkpointing keeps each layer's float32 input (4h) and
-    recomputes one layer at a time."""
-    h, i = config.hidden_size, config.intermediate_size
-    q, kv = (config.head_dim * n for n in (config.num_attention_heads, config.num_key_value_heads))
-    per_layer = 26 * h + 8 * i + 4 * (q + kv) + (6 * (q + kv) if config.model_type == "qwen3" else 0)
-    per_layer *= 1.5 if precision == "fp32" else 1.0
-    if checkpointing:
-        return tokens * (config.num_hidden_layers * 4 * h + per_layer)
-    return tokens * config.num_hidden_layers * per_layer
-
-
 def learner_bytes(model: torch.nn.Module, tokens: int, checkpointing: bool, precision: str) -> float:
     """Upper estimate of a step's peak: float32 weights, gradients and AdamW (16 B/param) + activations."""
     params = sum(p.numel() for p in model.parameters())
-    return 16 * params + activation_bytes(model.config, tokens, checkpointing, precision)
+    return 16 * params + activation_bytes(model, tokens, checkpointing, precision == "bf16")
 
 
 def wants_checkpointing(model: torch.nn.Module, tokens: int, precision: str, device: torch.device) -> bool:
@@ -190,27 +177,6 @@ def wordlevel_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=backend, **specials)
 
 
-def generate_batches(
-    model: torch.nn.Module, engine: HFEngine, prompts: list[list[int]], sampling: SamplingConfig, batch: int
-) -> list[list[int]]:
-    """`model.generate` as an RL framework calls it: consecutive left-padded batches on the model's device,
-    each running until its longest response ends, sampling as the engine does (same banned ids, no top-k)."""
-    pad, eos, device = engine.pad_id, engine.eos_id, engine.device
-    options = dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
-    options |= dict(max_new_tokens=sampling.max_new_tokens, suppress_tokens=engine.banned or None)
-    responses = []
-    for start in range(0, len(prompts), batch):
-        chunk = prompts[start : start + batch]
-        width = max(map(len, chunk))
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
-        out = model.generate(
-            input_ids=ids, attention_mask=mask, eos_token_id=eos, pad_token_id=pad, **options
-        )
-        responses += [row[: row.index(eos) + 1] if eos in row else row for row in out[:, width:].tolist()]
-    return responses
-
-
 def part_decode(device: torch.device, sizes: Sizes, small: bool) -> dict:
     """Useful tokens/s (each response up to its EOS) of both decoders on one bf16 model and RL-shaped prompts
     (`samples` per prompt, random ids of varied length), each warmed up first."""
@@ -229,9 +195,9 @@ def part_decode(device: torch.device, sizes: Sizes, small: bool) -> dict:
     )
     torch.manual_seed(2)
     with torch.inference_mode():
-        generate_batches(model, engine, prompts[:4], warm, sizes.batch)
-        generate_s, theirs = timed(
-            device, partial(generate_batches, model, engine, prompts, sampling, sizes.batch)
+        run_generate(model, engine, prompts[:4], warm, sizes.batch)
+        generate_s, (theirs, _) = timed(
+            device, partial(run_generate, model, engine, prompts, sampling, sizes.batch)
         )
     engine_rate = useful_tokens(ours[0], engine.eos_id) / engine_s
     generate_rate = useful_tokens(theirs, engine.eos_id) / generate_s

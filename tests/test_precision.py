@@ -169,12 +169,17 @@ def test_bf16_logprobs_and_gradients_agree_with_float32(model_and_batch):
     assert 0.9 < g16.norm() / g32.norm() < 1.1
 
 
-def test_the_chunked_head_under_autocast_matches_autograd_through_full_logits(model_and_batch, monkeypatch):
+@pytest.mark.parametrize("keep", [True, False], ids=["softmax-kept", "recomputed"])
+def test_the_chunked_head_under_autocast_matches_autograd_through_full_logits(
+    model_and_batch, monkeypatch, keep
+):
     """The hand-written head backward runs outside autocast: it must cast to bf16 itself and give the
-    gradients autograd gives through the model's own (autocast) logits."""
+    gradients autograd gives through the model's own (autocast) logits, on both of its paths."""
     model, batch = model_and_batch
     mask = batch.response_mask
     monkeypatch.setattr("asympo.logprobs.CHUNK_ELEMENTS", 5 * model.config.vocab_size)  # several chunks
+    if not keep:
+        monkeypatch.setattr("asympo.logprobs.KEEP_ELEMENTS", 0)
     chunked, plain = copy.deepcopy(model), copy.deepcopy(model)
     with BF16.autocast():
         lp_chunked = token_logprobs(chunked, batch.input_ids, batch.attention_mask, 1.0, mask)
