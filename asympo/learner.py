@@ -56,8 +56,9 @@ def publishable_weights(model: torch.nn.Module, dtype: torch.dtype | None = None
     is one embedding smaller (113 MB for SmolLM2 in float32)."""
     state = model.state_dict()
     aliases = tied_aliases(state)
+    # cast where the tensor lives, then copy: a GPU sends bf16 over the bus, not float32 to convert here
     return {
-        name: t.detach().to("cpu", dtype=dtype if t.is_floating_point() else None, copy=True)
+        name: t.detach().to(dtype=dtype if t.is_floating_point() else None, copy=True).cpu()
         for name, t in state.items()
         if name not in aliases
     }
@@ -95,8 +96,9 @@ class Learner:
         if optim.gradient_checkpointing:
             enable_checkpointing(model)
 
-    def weights(self) -> dict[str, torch.Tensor]:
-        return publishable_weights(self.model, self.placement.dtype)
+    def weights(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """For engines, in the placement's dtype by default; `torch.float32` gives the master weights."""
+        return publishable_weights(self.model, dtype or self.placement.dtype)
 
     def step(self, batch: TrainBatch) -> dict[str, float]:
         start = time.perf_counter()

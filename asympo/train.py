@@ -108,8 +108,12 @@ class Trainer:
 
     def publish(self, version: int, weights: dict) -> None:
         self.runtime.publish(version, weights)
-        if self.recompute is not None:
-            self.recompute.store.put(version, weights)
+        if (
+            self.recompute is not None
+        ):  # the master weights (float32), so that an on-policy ratio is 1 in bf16
+            current = self.placement.bf16 and version == self.learner.version
+            master = self.learner.weights(torch.float32) if current else weights
+            self.recompute.store.put(version, master)
 
     def evaluate(self) -> dict[str, float]:
         cfg, engine = self.cfg, self.eval_engine

@@ -39,7 +39,7 @@ from asympo.rollout.base import SamplingConfig
 from asympo.rollout.hf import HFEngine
 from asympo.runtime.devices import (
     activation_bytes,
-    check_colocation,
+    check_memory,
     engine_bytes,
     kv_cache_bytes,
     learner_bytes_to_come,
@@ -78,6 +78,8 @@ def model_and_batch(small_model, tokenizer):
 
 def test_cpu_is_resolved_and_a_missing_cuda_is_a_user_error():
     assert resolve_device("cpu") == CPU
+    if torch.cuda.is_available():  # auto names the device's index, so it compares equal to cuda:N
+        assert resolve_device("auto").index is not None
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     assert resolve_device("auto") == CPU
@@ -274,7 +276,18 @@ def test_async_workers_go_where_the_learner_is_unless_placed(small_model, monkey
     with pytest.raises(UserError, match="runtime.mode=lag on one GPU"):
         worker_devices(TrainConfig(), gpu, small_model)
     cfg = TrainConfig(runtime=RuntimeConfig(worker_devices=["cuda:1"]))
-    assert worker_devices(cfg, gpu, small_model) == ["cuda:1"]  # another GPU: nothing to share
+    monkeypatch.setattr("asympo.runtime.devices.free_memory", lambda device: 80 << 30)
+    assert worker_devices(cfg, gpu, small_model) == ["cuda:1"]  # another GPU: checked for its workers only
+    monkeypatch.setattr(
+        "asympo.runtime.devices.free_memory", lambda device: 1 << 40 if device.index == 0 else 1
+    )
+    with pytest.raises(UserError, match="cuda:1 has"):
+        worker_devices(cfg, gpu, small_model)
+    # Ray picks each actor's GPU: names only say "a GPU", and a GPU learner must place its actors
+    ray = TrainConfig(runtime=RuntimeConfig(backend="ray", workers=2, worker_devices=["cuda:3", "cpu"]))
+    assert worker_devices(ray, gpu, small_model, remote=True) == ["cuda", "cpu"]
+    with pytest.raises(UserError, match="runtime.backend=ray.*runtime.worker_devices"):
+        worker_devices(TrainConfig(runtime=RuntimeConfig(backend="ray")), gpu, small_model, remote=True)
 
 
 def test_the_colocation_memory_check_refuses_what_does_not_fit(small_model):
@@ -296,10 +309,17 @@ def test_the_colocation_memory_check_refuses_what_does_not_fit(small_model):
     assert learner_bytes_to_come(cfg, small_model, BF16) == (
         12 * params + activation_bytes(small_model, tokens, False, True) + 2 * params  # + the eval copy
     )
+    recomputing = TrainConfig(behaviour={"source": "learner"})  # + the float32 scratch copy
+    assert (
+        learner_bytes_to_come(recomputing, small_model, BF16)
+        == learner_bytes_to_come(cfg, small_model, BF16) + 4 * params
+    )
     gib = 1 << 30
-    check_colocation(free=40 * gib, learner=20 * gib, workers=1, per_worker=10 * gib, device=CPU)
+    check_memory(free=40 * gib, learner=20 * gib, workers=1, per_worker=10 * gib, device=CPU)
     with pytest.raises(UserError, match="runtime.mode=lag"):
-        check_colocation(free=40 * gib, learner=30 * gib, workers=1, per_worker=10 * gib, device=CPU)
+        check_memory(free=40 * gib, learner=30 * gib, workers=1, per_worker=10 * gib, device=CPU)
+    with pytest.raises(UserError, match="spread the workers"):  # a GPU with workers only
+        check_memory(free=40 * gib, learner=0, workers=4, per_worker=10 * gib, device=CPU)
 
 
 def test_a_bf16_lag_run_trains_and_evaluates_with_bf16_engines(tmp_path):
@@ -320,6 +340,28 @@ def test_a_bf16_lag_run_trains_and_evaluates_with_bf16_engines(tmp_path):
     result = trainer.run()
     assert result["version"] == 3 and 0 <= result["accuracy_after"] <= 1
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+
+
+def test_bf16_behaviour_recomputed_by_the_learner_gives_ratio_one_on_policy(tmp_path):
+    """The recompute scores each version with the float32 master weights under the learner's autocast, so
+    on-policy its log-probs equal the learner's: bf16 snapshots would leave a gap of ~0.02 per token."""
+    import json
+
+    from asympo.train import Trainer
+
+    cfg = build_config(
+        TrainConfig,
+        overrides=[
+            "precision=bf16", "device=cpu", "runtime.mode=sync", "objective=grpo", "behaviour.source=learner",
+            "steps=2", "eval_every=0", "eval_samples=1", "task.test_size=8", "rollout.prompts_per_step=4",
+            "rollout.group_size=4", f"out={tmp_path}", "progress=false", "save_model=false",
+            "checkpoint_every=0",
+        ],
+    )  # fmt: skip
+    Trainer(cfg, quiet=True).run()
+    steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    kls = [m["behaviour_kl"] for m in steps if "behaviour_kl" in m]
+    assert len(kls) == 2 and all(abs(kl) < 1e-6 for kl in kls)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

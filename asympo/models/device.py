@@ -42,7 +42,7 @@ def resolve_device(name: str) -> torch.device:
     """`auto` is CUDA when present, else the CPU; asking for a CUDA device that is not there: a UserError."""
     check_device_name(name)
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():

@@ -104,11 +104,15 @@ def worker_pool_args(
     from asympo.runtime.devices import worker_devices
 
     rt = cfg.runtime
-    devices, weights = worker_devices(cfg, placement, model), publishable_weights(model, placement.dtype)
+    remote = cfg.runtime.backend == "ray"
+    devices, weights = (
+        worker_devices(cfg, placement, model, remote),
+        publishable_weights(model, placement.dtype),
+    )
     return (
         cfg.model, weights, version, problems, score, cfg.rollout, cfg.seed,
         rt.workers, rt.worker_threads, rt.max_staleness, rt.jobs_per_worker, cfg.faults.max_worker_restarts,
-        engine_logprobs, devices, placement.precision,
+        engine_logprobs, devices, cfg.precision,  # each worker resolves it for its own device
     )  # fmt: skip
 
 

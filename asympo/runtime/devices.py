@@ -20,6 +20,7 @@ LEARNER_BYTES_PER_PARAM = (
     12  # to come once the float32 weights are placed: gradients (4), AdamW's moments (8)
 )
 HEADROOM = 0.9  # plan on at most this share of the free memory: allocator fragmentation, CUDA context
+CUDA_CONTEXT = 512 << 20  # what each process's CUDA context takes on its GPU, roughly
 PROMPT_ALLOWANCE = 512  # prompt tokens per sequence assumed by the KV-cache and activation estimates
 
 
@@ -31,11 +32,14 @@ def kv_cache_bytes(model: PreTrainedModel, sequences: int, tokens: int, element_
     return 2 * config.num_hidden_layers * heads * head_dim * sequences * tokens * element_bytes
 
 
-def engine_bytes(model: PreTrainedModel, placement: Placement, max_batch: int, tokens: int) -> int:
-    """A rollout worker's weights in its dtype plus a full KV cache of `max_batch` x `tokens` positions."""
+def engine_bytes(
+    model: PreTrainedModel, placement: Placement, max_batch: int, tokens: int, kv_copies: int = 1
+) -> int:
+    """A rollout worker's weights in its dtype plus a full KV cache of `max_batch` x `tokens` positions,
+    `kv_copies` times (a re-layout of the slot cache holds the old and the new buffers for a moment)."""
     element = torch.empty((), dtype=placement.dtype).element_size()
     params = sum(p.numel() for p in model.parameters())
-    return params * element + kv_cache_bytes(model, max_batch, tokens, element)
+    return params * element + kv_copies * kv_cache_bytes(model, max_batch, tokens, element)
 
 
 def activation_bytes(model: PreTrainedModel, tokens: int, checkpointing: bool, bf16: bool) -> int:
@@ -57,40 +61,59 @@ def activation_bytes(model: PreTrainedModel, tokens: int, checkpointing: bool, b
 
 
 def learner_bytes_to_come(cfg: TrainConfig, model: PreTrainedModel, learner: Placement) -> int:
-    """Once the float32 weights are placed: gradients and AdamW's state, one micro-batch's activations, and
-    (bf16) the evaluation engine's own bf16 copy of the weights."""
+    """Once the float32 weights are placed: gradients and AdamW's state, one micro-batch's activations, (bf16)
+    the evaluation engine's own bf16 copy of the weights, and (behaviour.source=learner) the float32 scratch
+    copy that recomputes behaviour log-probs."""
     params = sum(p.numel() for p in model.parameters())
     tokens = cfg.optim.micro_batch_size * (PROMPT_ALLOWANCE + cfg.rollout.max_new_tokens)
     activations = activation_bytes(model, tokens, cfg.optim.gradient_checkpointing, learner.bf16)
-    return LEARNER_BYTES_PER_PARAM * params + activations + (2 * params if learner.bf16 else 0)
+    copies = (2 if learner.bf16 else 0) + (4 if cfg.behaviour.source == "learner" else 0)
+    return (LEARNER_BYTES_PER_PARAM + copies) * params + activations
 
 
-def check_colocation(free: int, learner: int, workers: int, per_worker: int, device: torch.device) -> None:
-    """A clear error, before anything is started, when colocated workers would run the GPU out of memory."""
+def check_memory(free: int, learner: int, workers: int, per_worker: int, device: torch.device) -> None:
+    """A clear error, before anything is started, when what goes on a GPU would run it out of memory."""
     need = learner + workers * per_worker
-    if need > HEADROOM * free:
-        gib = 1 << 30
+    if need <= HEADROOM * free:
+        return
+    gib = 1 << 30
+    each = f"{workers} rollout worker(s) ~{per_worker / gib:.1f} GiB each (weights, KV cache, CUDA context)"
+    if not learner:
         raise UserError(
-            f"{device} has {free / gib:.1f} GiB free; the learner still needs ~{learner / gib:.1f} GiB "
-            f"(gradients, AdamW, activations) and {workers} colocated rollout worker(s) "
-            f"~{per_worker / gib:.1f} GiB each "
-            "(weights, KV cache): use runtime.mode=lag on one GPU, put the workers on other GPUs "
-            "(runtime.worker_devices=[cuda:1]), or lower rollout.max_batch"
+            f"{device} has {free / gib:.1f} GiB free for {each}: lower rollout.max_batch or spread the "
+            "workers over more GPUs"
         )
+    raise UserError(
+        f"{device} has {free / gib:.1f} GiB free; the learner still needs ~{learner / gib:.1f} GiB "
+        f"(gradients, AdamW, activations) and {each}: use runtime.mode=lag on one GPU, put the workers on "
+        "other GPUs (runtime.worker_devices=[cuda:1]), or lower rollout.max_batch"
+    )
 
 
-def worker_devices(cfg: TrainConfig, learner: Placement, model: PreTrainedModel) -> list[str]:
+def worker_devices(
+    cfg: TrainConfig, learner: Placement, model: PreTrainedModel, remote: bool = False
+) -> list[str]:
     """One device name per rollout worker (`runtime.worker_devices`, cycled), checked before any start.
 
     Unset, the workers go where the learner is: on the CPU as always, and on a GPU colocated with the
-    learner, which the memory check below must allow (otherwise its error names the alternatives)."""
+    learner, which the memory check below must allow (otherwise its error names the alternatives). Every GPU
+    given workers is checked. With Ray (`remote`) Ray picks each actor's GPU, so a name only says "a GPU"
+    or "the CPU", and a GPU learner must say where its actors go."""
     rt = cfg.runtime
     names = rt.worker_devices or [str(learner.device)]
-    devices = [resolve_device(names[i % len(names)]) for i in range(rt.workers)]
-    shared = sum(d == learner.device for d in devices)
-    if shared and learner.device.type == "cuda":
-        tokens = PROMPT_ALLOWANCE + cfg.rollout.max_new_tokens
-        per_worker = engine_bytes(model, learner, cfg.rollout.max_batch, tokens)
-        learner_need = learner_bytes_to_come(cfg, model, learner)
-        check_colocation(free_memory(learner.device), learner_need, shared, per_worker, learner.device)
+    names = [names[i % len(names)] for i in range(rt.workers)]
+    if remote:
+        if learner.device.type == "cuda" and not rt.worker_devices:
+            raise UserError(
+                "runtime.backend=ray with the learner on a GPU needs runtime.worker_devices: [cuda] for "
+                "actors on a GPU each (Ray picks which; keep the learner's out of Ray's view, docs/gpu.md), "
+                "[cpu] for CPU actors"
+            )
+        return ["cuda" if name.startswith("cuda") else "cpu" for name in names]
+    devices = [resolve_device(name) for name in names]
+    tokens = PROMPT_ALLOWANCE + cfg.rollout.max_new_tokens
+    per_worker = CUDA_CONTEXT + engine_bytes(model, learner, cfg.rollout.max_batch, tokens, kv_copies=2)
+    for device in {d for d in devices if d.type == "cuda"}:
+        learner_need = learner_bytes_to_come(cfg, model, learner) if device == learner.device else 0
+        check_memory(free_memory(device), learner_need, devices.count(device), per_worker, device)
     return [str(d) for d in devices]

@@ -71,13 +71,13 @@ def worker_main(jobs, results, shared: SharedWeights, model: str, rollout: Rollo
     torch.set_num_threads(opts["threads"])
     from transformers.utils import logging as hf_logging
 
-    from asympo.models.device import Placement, for_engine
+    from asympo.models.device import for_engine, resolve
     from asympo.models.load import load_policy
     from asympo.rollout.hf import HFEngine
 
     hf_logging.disable_progress_bar()
     policy, tokenizer = load_policy(model)
-    policy = for_engine(policy, Placement(torch.device(opts["device"]), opts["precision"]))
+    policy = for_engine(policy, resolve(opts["device"], opts["precision"], policy))
     engine = HFEngine(
         policy, tokenizer, version=-1, return_logprobs=opts["return_logprobs"], max_batch=rollout.max_batch
     )
@@ -159,7 +159,7 @@ class AsyncRuntime:
         max_worker_restarts: int = 5,
         return_logprobs: bool = True,
         devices: list[str] | None = None,
-        precision: str = "fp32",
+        precision: str = "fp32",  # the setting (auto, fp32, bf16): each worker resolves it for its device
     ):
         self.model, self.rollout, self.problems, self.score, self.seed = model, rollout, problems, score, seed
         self.max_staleness, self.depth, self.max_restarts = (

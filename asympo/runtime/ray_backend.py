@@ -55,15 +55,16 @@ class RolloutActor:
         torch.set_num_threads(threads)
         from transformers.utils import logging as hf_logging
 
-        from asympo.models.device import Placement, for_engine
+        from asympo.models.device import for_engine, resolve
         from asympo.models.load import load_policy
         from asympo.rollout.hf import HFEngine
 
         hf_logging.disable_progress_bar()
         policy, tokenizer = load_policy(model)
         # an actor given a GPU (num_gpus=1) sees only that one, as cuda:0
+        # an actor given a GPU sees only that one; the precision setting is resolved for it here
         policy = for_engine(
-            policy, Placement(torch.device("cuda" if device.startswith("cuda") else "cpu"), precision)
+            policy, resolve("cuda" if device.startswith("cuda") else "cpu", precision, policy)
         )
         self.engine = HFEngine(
             policy, tokenizer, version=-1, return_logprobs=return_logprobs, max_batch=rollout.max_batch
