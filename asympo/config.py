@@ -59,6 +59,19 @@ class RolloutConfig(SamplingConfig):
     engine: Literal["hf", "openai", "vllm"] = "hf"  # hf: in-process transformers; vllm needs a GPU
     openai: OpenAIEngineConfig = OpenAIEngineConfig()
 
+    @field_validator("temperature")
+    @classmethod
+    def _sampled(cls, value: float) -> float:
+        """Training needs a sampled policy: the learner scores log-probabilities at this temperature, and a
+        greedy (temperature 0) policy has none to score, nor any spread within a group to learn from."""
+        if value <= 0:
+            raise ValueError(
+                "rollout.temperature must be > 0 for training: the learner scores the sampled policy at this "
+                "temperature, and greedy rollouts have no log-probabilities to score (use `asympo eval` for "
+                "greedy accuracy)"
+            )
+        return value
+
 
 class OptimConfig(Strict):
     lr: float = Field(1e-4, gt=0)
@@ -127,6 +140,10 @@ class TrainConfig(Placed):
     eval_samples: int = Field(8, ge=1)  # samples per held-out problem for sampled pass@1
     out: str = "runs/train"
     tensorboard: bool = False
+    wandb: bool = False  # also log the metrics to Weights & Biases (the `wandb` extra)
+    wandb_project: str = "asympo"
+    wandb_run_name: str = ""  # empty: W&B picks a name
+    wandb_mode: Literal["online", "offline", "disabled"] = "online"  # offline: files under out/wandb only
     progress: bool = True
     save_model: bool = True  # write the trained model to out/final
     checkpoint_every: int = Field(50, ge=0)  # steps between checkpoints, and at the end (0: on a signal only)
@@ -219,6 +236,9 @@ class ServeConfig(Placed):
     threads: int = Field(0, ge=0)  # torch threads; 0 leaves torch's default
     seed: int = 0
     version: int = 0  # the policy version reported until the first reload
+    weights_dir: str = ""  # the folder the JSON `path` form of /v1/weights may read from; empty: form off
+    header_timeout: float = Field(10.0, gt=0)  # seconds a client has to send its request line and headers
+    body_timeout: float = Field(30.0, gt=0)  # seconds a request body may pause between two chunks
 
 
 def _leaf_paths(model: type[BaseModel], prefix: str = "") -> dict[str, list[str]]:

@@ -1,11 +1,14 @@
-"""Observability: a JSONL line per step (always), TensorBoard when asked, a rich progress bar and summary."""
+"""Observability: a JSONL line per step (always), TensorBoard and W&B when asked, a rich progress bar and
+summary."""
 
 from __future__ import annotations
 
 import json
 import math
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.progress import (
@@ -54,12 +57,26 @@ def progress_bar(enabled: bool = True) -> Progress:
     )
 
 
+@dataclass
+class WandbSettings:
+    project: str = "asympo"
+    name: str = ""  # empty: W&B picks one
+    mode: str = "online"  # online, offline (files under out/wandb, sync later) or disabled
+    config: dict[str, Any] = field(default_factory=dict)  # the run's configuration, shown beside the charts
+
+
 class MetricsLog:
     """One JSON object per step in `metrics.jsonl` (a previous run's file is kept as `metrics.N.jsonl`);
-    scalars are mirrored to TensorBoard if asked. On resume the file continues: lines of steps that will
-    run again are dropped, so no step appears twice."""
+    scalars are mirrored to TensorBoard and W&B if asked (the same finite numbers, at the same step). On
+    resume the file continues: lines of steps that will run again are dropped, so no step appears twice."""
 
-    def __init__(self, out: Path, tensorboard: bool = False, resume_step: int | None = None):
+    def __init__(
+        self,
+        out: Path,
+        tensorboard: bool = False,
+        resume_step: int | None = None,
+        wandb: WandbSettings | None = None,
+    ):
         self.path = out / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
             kept = [line for line in self.path.read_text().splitlines() if _step_of(line) < resume_step]
@@ -81,6 +98,9 @@ class MetricsLog:
                     "tensorboard=true needs the tensorboard package: pip install 'asympo[tensorboard]'"
                 ) from None
             self.tb = SummaryWriter(str(out / "tensorboard"))
+        self.wandb = None
+        if wandb is not None:
+            self.wandb = _start_wandb(out, wandb)
 
     def log(self, step: int, metrics: dict) -> None:
         clean = {
@@ -88,15 +108,43 @@ class MetricsLog:
         }
         self.file.write(json.dumps({"step": step, **clean}) + "\n")
         self.file.flush()
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, int | float) and math.isfinite(v)}
         if self.tb is not None:
-            for key, value in metrics.items():
-                if isinstance(value, int | float) and math.isfinite(value):
-                    self.tb.add_scalar(key, value, step)
+            for key, value in scalars.items():
+                self.tb.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
 
     def close(self) -> None:
         self.file.close()
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+def _start_wandb(out: Path, settings: WandbSettings) -> Any:
+    from asympo.errors import UserError
+
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("wandb=true needs the wandb package: pip install 'asympo[wandb]'") from None
+    folder = out / "wandb"
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        return wandb.init(
+            project=settings.project,
+            name=settings.name or None,
+            mode=settings.mode,
+            dir=str(out),
+            config=settings.config,
+            reinit="finish_previous",
+        )
+    except Exception as e:  # no account or no network in online mode: say how to go on without them
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise UserError(f"cannot start W&B ({reason}); wandb_mode=offline logs without an account") from None
 
 
 def _step_of(line: str) -> float:

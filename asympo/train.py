@@ -19,7 +19,7 @@ from asympo.evaluate import held_out_accuracy
 from asympo.faults import Interrupted, RunAborted, SkipGuard, StopSignal, StopWaiting
 from asympo.io import atomic_write_text, ensure_writable_dir, save_model_atomic
 from asympo.learner import Learner
-from asympo.metrics import MetricsLog, console, progress_bar, rollout_metrics, summary_table
+from asympo.metrics import MetricsLog, WandbSettings, console, progress_bar, rollout_metrics, summary_table
 from asympo.models.device import engine_copy, resolve
 from asympo.models.load import load_policy
 from asympo.objectives import advantage_method
@@ -146,7 +146,9 @@ class Trainer:
                     f"held-out accuracy before: {before['accuracy']:.1%} sampled pass@1, "
                     f"{before['greedy_accuracy']:.1%} greedy  ({cfg.objective.name}, {cfg.runtime.mode})"
                 )
-                self.log = MetricsLog(self.out, cfg.tensorboard, self.state.step if self.resumed else None)
+                self.log = MetricsLog(
+                    self.out, cfg.tensorboard, self.state.step if self.resumed else None, wandb_settings(cfg)
+                )
                 self.start = time.perf_counter()
                 self.loop()
                 if cfg.checkpoint_every:
@@ -217,6 +219,12 @@ class Trainer:
 
     def reward_counts(self) -> dict[str, int]:
         return {"reward_errors": self.rewards.errors, "reward_timeouts": self.rewards.timeouts}
+
+
+def wandb_settings(cfg: TrainConfig) -> WandbSettings | None:
+    if not cfg.wandb:
+        return None
+    return WandbSettings(cfg.wandb_project, cfg.wandb_run_name, cfg.wandb_mode, cfg.model_dump(mode="json"))
 
 
 def behaviour_recompute(cfg: TrainConfig, learner: Learner, pad_id: int, lag: int, out) -> BehaviourRecompute:

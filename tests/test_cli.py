@@ -25,6 +25,7 @@ def asympo(*args: str, cwd=None) -> subprocess.CompletedProcess:
         (["train", "model=/no/such/folder"], "a model folder, a .gguf file or a hub id"),
         (["train", "out=/proc/asympo-forbidden"], "not writable"),
         (["train", "objective=grpo_typo"], "grpo_typo"),
+        (["train", "rollout.temperature=0"], "rollout.temperature must be > 0"),
         (["eval", "k=0"], "config k"),
         (["serve", "device=gpu"], "device must be auto, cpu, cuda or cuda:N"),
         pytest.param(
@@ -41,6 +42,14 @@ def test_bad_input_is_one_line_exit_2_no_traceback(args, message, tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("asympo: error:") and message in lines[-1]
     assert len(lines) == 1, result.stderr
+
+
+def test_a_damaged_gguf_file_is_one_line_exit_2(tmp_path):
+    (tmp_path / "junk.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + b"garbage" * 3)
+    result = asympo("train", "model=junk.gguf", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("asympo: error: cannot load the GGUF file"), result.stderr
 
 
 def test_train_end_to_end_writes_metrics_result_and_model(tmp_path):

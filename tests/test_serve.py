@@ -146,7 +146,7 @@ def test_the_api_key_is_required_when_set_and_never_printed():
 
 
 def test_reload_from_a_file_and_from_raw_bytes_and_refused_shapes(tmp_path):
-    s = Server()
+    s = Server(f"weights_dir={tmp_path}")
     try:
         before = greedy(s.url, PROMPTS)
         original = {k: v for k, v in load_policy("tiny")[0].state_dict().items() if k != "lm_head.weight"}

@@ -93,8 +93,9 @@ def load_gguf(gguf: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"cannot load the GGUF file {gguf}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # a damaged or foreign file fails anywhere in the GGUF reader (struct.error, ...)
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise UserError(f"cannot load the GGUF file {gguf}: {reason}") from None
     model.hf_quantizer = None  # save_pretrained refuses a GGUF-loaded model while these are set
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config

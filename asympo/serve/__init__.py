@@ -2,14 +2,16 @@
 endpoint so a learner (here or on another machine) can push each new policy version.
 
 Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions, POST /v1/weights, GET /health.
-Standard library HTTP only; concurrent requests share one continuously batched engine (see batcher.py).
+HTTP is Starlette on uvicorn (the `serve` extra, see server.py); concurrent requests share one continuously
+batched engine thread (see batcher.py).
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import threading
+from pathlib import Path
+from types import FrameType
 
 import torch
 
@@ -17,30 +19,92 @@ from asympo.config import ServeConfig
 from asympo.errors import UserError
 
 
+def api_key_from(name: str) -> str | None:
+    """The key in `$name`: unset means no key; set but empty (or only spaces) is a mistake, refused at
+    start-up rather than silently turning auth off. Surrounding spaces (a key pasted from a file) are
+    stripped."""
+    value = os.environ.get(name)
+    if value is None:
+        return None
+    key = value.strip()
+    if not key:
+        raise UserError(f"${name} is set but empty: unset it to serve without a key, or give it a key")
+    if any(c.isspace() or not c.isprintable() for c in key):
+        raise UserError(f"${name} holds spaces or control characters inside the key: it could never be sent")
+    return key
+
+
 def run_serve(cfg: ServeConfig) -> None:
+    try:
+        import uvicorn
+
+        from asympo.serve.server import (
+            BACKLOG,
+            KEEP_ALIVE,
+            MAX_HEADER_BYTES,
+            SHUTDOWN_GRACE,
+            AsgiApp,
+            Protocol,
+            bind,
+        )
+    except ImportError as e:
+        raise UserError(
+            f"asympo serve needs the 'serve' extra ({e.name} is missing): pip install 'asympo[serve]'"
+        ) from None
     from asympo.models.device import for_engine, resolve
     from asympo.models.load import load_policy
     from asympo.serve.app import App
-    from asympo.serve.server import ApiServer
 
+    api_key = api_key_from(cfg.api_key_env)
+    weights_dir = None
+    if cfg.weights_dir:
+        weights_dir = Path(cfg.weights_dir).expanduser()
+        if not weights_dir.is_dir():
+            raise UserError(f"weights_dir is not a folder: {cfg.weights_dir}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     try:  # bind first: a busy port fails before a large model is loaded
-        server = ApiServer(cfg.host, cfg.port)
+        sock = bind(cfg.host, cfg.port)
     except OSError as e:
         raise UserError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}") from None
     try:
         model, tokenizer = load_policy(cfg.model)
         placement = resolve(cfg.device, cfg.precision, model)
         model = for_engine(model, placement)
+        served = cfg.served_name or cfg.model
+        app = App(model, tokenizer, served, api_key, cfg.max_batch, cfg.seed, cfg.version, weights_dir)
+        sock.listen(BACKLOG)
     except BaseException:
-        server.server_close()
+        sock.close()
         raise
-    served = cfg.served_name or cfg.model
-    api_key = os.environ.get(cfg.api_key_env) or None
-    app = server.app = App(model, tokenizer, served, api_key, cfg.max_batch, cfg.seed, cfg.version)
-    host, port = server.server_address[:2]
+    asgi = AsgiApp(app, cfg.body_timeout)
+    config = uvicorn.Config(
+        asgi,
+        http=type("Protocol", (Protocol,), {"header_timeout": cfg.header_timeout}),
+        proxy_headers=False,
+        loop="asyncio",
+        lifespan="off",
+        log_config=None,
+        log_level="error",  # the HTTP layer's refusals are answered in JSON, not logged
+        access_log=False,
+        backlog=BACKLOG,
+        timeout_keep_alive=int(KEEP_ALIVE),
+        timeout_graceful_shutdown=SHUTDOWN_GRACE,
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        server_header=False,
+    )
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            """Stop accepting, answer waiting requests with a 503; no re-raised signal (exit code 0)."""
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True
+            self.should_exit = True
+            asgi.stopping = True
+            app.batcher.close()
+
+    host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     auth = f", API key from ${cfg.api_key_env} required" if api_key else ""
     where = f"{placement.device} {placement.precision}"
@@ -49,17 +113,10 @@ def run_serve(cfg: ServeConfig) -> None:
         f"{where}){auth}",
         flush=True,
     )
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
-    thread.start()
     try:
-        while not stop.wait(0.5):
-            pass
+        Server(config).run(sockets=[sock])
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        server.shutdown()
+        asgi.stopping = True
         app.batcher.stop()
-        server.server_close()
+        sock.close()
         print("asympo serve: stopped", flush=True)

@@ -1,14 +1,22 @@
-"""The endpoints, free of HTTP plumbing: each takes the parsed request and returns (status, JSON body)."""
+"""The endpoints, free of HTTP plumbing: each takes the parsed request and returns (status, JSON body).
+
+`route` runs first, on the headers alone: path, API key and method are checked, and the body limit of the
+route is chosen, before any byte of the body is read (see server.py). The endpoints then run in a worker
+thread: they tokenize (on a tokenizer of their own, see `TokenizerPool`) and wait for the engine thread.
+"""
 
 from __future__ import annotations
 
+import copy
 import hmac
 import json
-import threading
+import queue
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
@@ -22,6 +30,45 @@ from asympo.serve.protocol import GenerationRequest, parse_chat, parse_completio
 
 Reply = tuple[int, dict[str, Any]]
 MAX_SEQUENCES = 4096  # prompts x n in one request: a typo in `n` should be a 400, not an out-of-memory
+MAX_PROMPT_CHARS = 1_000_000  # the ceiling of the per-prompt character limit, whatever the context length
+MIN_BODY = 2**20  # a completions body may always be this large (a list of short prompts)
+JSON_SLACK = 64 * 2**10  # room for the other fields of a request
+SMALL_BODY = 64 * 2**10  # JSON bodies that carry no prompt: the `path` form of /v1/weights
+TOKENIZERS = 4  # requests tokenizing at the same moment, each on its own copy
+
+
+class TokenizerPool:
+    """A few copies of the tokenizer, lent one per request: a Rust tokenizer may refuse two threads at once,
+    and one lock for all would let one long prompt hold up everyone. The engine thread never uses these."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, size: int = TOKENIZERS):
+        self.free: queue.SimpleQueue[PreTrainedTokenizerBase] = queue.SimpleQueue()
+        try:
+            copies = [tokenizer] + [copy.deepcopy(tokenizer) for _ in range(size - 1)]
+        except Exception:  # a tokenizer that cannot be copied is shared, one request at a time
+            copies = [tokenizer]
+        for t in copies:
+            self.free.put(t)
+
+    @contextmanager
+    def borrow(self) -> Iterator[PreTrainedTokenizerBase]:
+        tokenizer = self.free.get()
+        try:
+            yield tokenizer
+        finally:
+            self.free.put(tokenizer)
+
+
+def prompt_char_limit(context: int | None, tokenizer: PreTrainedTokenizerBase) -> int:
+    """Characters beyond which a prompt cannot fit the context, whatever it says: no token is longer than the
+    longest string in the vocabulary, so `context` tokens cover at most `context x longest` characters."""
+    if context is None:
+        return MAX_PROMPT_CHARS
+    try:
+        longest = max((len(t) for t in tokenizer.get_vocab()), default=1)
+    except Exception:
+        longest = 64
+    return max(1, min(MAX_PROMPT_CHARS, context * max(1, longest)))
 
 
 @dataclass
@@ -29,8 +76,11 @@ class Request:
     method: str
     path: str
     query: dict[str, str]
-    headers: Mapping[str, str]  # case-insensitive in practice (http.server's message object)
-    body: bytes
+    headers: Mapping[str, str]  # case-insensitive (Starlette's Headers)
+    body: bytes = b""
+
+
+Endpoint = Callable[["App", Request], Reply]
 
 
 class App:
@@ -43,14 +93,20 @@ class App:
         max_batch: int = 256,
         seed: int = 0,
         version: int = 0,
+        weights_dir: Path | None = None,
     ):
         self.model, self.tokenizer, self.served = model, tokenizer, served
         self._api_key = api_key  # compared in constant time, never logged or echoed
+        self.weights_dir = weights_dir
         self.created = int(time.time())
         self.context = getattr(model.config, "max_position_embeddings", None)
+        self.tokenizers = TokenizerPool(tokenizer)
+        self.prompt_chars = prompt_char_limit(self.context, tokenizer)
+        # JSON may spell one character as a 12-byte surrogate pair escape; a list of prompts shares the cap.
+        self.body_limit = max(MIN_BODY, 12 * self.prompt_chars) + JSON_SLACK
+        self.weights_limit = weights.upload_limit(model)
         engine = HFEngine(model, tokenizer, version=version, return_logprobs=False, max_batch=max_batch)
         self.batcher = Batcher(engine, seed)
-        self.tokenizer_lock = threading.Lock()  # a Rust tokenizer may refuse two threads at once
 
     def __repr__(self) -> str:
         return f"App(served={self.served!r}, version={self.batcher.version})"
@@ -67,28 +123,37 @@ class App:
             token.strip().encode(), self._api_key.encode()
         )
 
-    def handle(self, req: Request) -> Reply:
+    def route(self, req: Request) -> tuple[Endpoint, int]:
+        """The endpoint and the most body bytes it may read, from the request line and headers alone.
+        The key is checked before the path is looked up: without it, even an unknown path is a 401."""
         path = req.path.rstrip("/") or "/"
         if path == "/health":  # open without a key, for load balancers: it tells only the version
             self._allow(req, path, "GET")
-            return 200, {"status": "ok", "version": self.version}
+            return App.health, 0
+        if not self.authorized(req.headers.get("Authorization")):
+            raise ApiError(
+                401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "invalid_api_key"
+            )
         if path.startswith("/v1/models/"):
             want, endpoint = "GET", App.model_info
         elif path in ROUTES:
             want, endpoint = ROUTES[path]
         else:
-            raise ApiError(404, f"unknown path {path}", "not_found")
-        if not self.authorized(req.headers.get("Authorization")):
-            raise ApiError(
-                401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "invalid_api_key"
-            )
+            raise ApiError(404, "unknown path", "not_found")
         self._allow(req, path, want)
-        return endpoint(self, req)
+        if want == "GET":
+            return endpoint, 0
+        if endpoint is App.reload:
+            return endpoint, self.weights_limit if _octet_stream(req) else SMALL_BODY
+        return endpoint, self.body_limit
 
     @staticmethod
     def _allow(req: Request, path: str, want: str) -> None:
         if req.method != want:
-            raise ApiError(405, f"{path} takes {want}, not {req.method}", "method_not_allowed")
+            raise ApiError(405, f"this path takes {want}, not {req.method[:16]}", "method_not_allowed")
+
+    def health(self, req: Request) -> Reply:
+        return 200, {"status": "ok", "version": self.version}
 
     def models(self, req: Request) -> Reply:
         return 200, {"object": "list", "data": [self._card()]}
@@ -127,31 +192,42 @@ class App:
 
     def render_chat(self, messages: list[dict[str, str]]) -> str:
         """The tokenizer's chat template when it has one, else the contents joined as plain paragraphs."""
+        if sum(len(m["content"]) for m in messages) > self.prompt_chars:
+            raise self._too_long()
         if getattr(self.tokenizer, "chat_template", None):
-            with self.tokenizer_lock:
-                return self.tokenizer.apply_chat_template(
-                    messages, tokenize=False, add_generation_prompt=True
-                )
+            with self.tokenizers.borrow() as tokenizer:
+                return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return "\n\n".join(m["content"] for m in messages)
+
+    def _too_long(self) -> ApiError:
+        room = f" of {self.context} tokens" if self.context is not None else ""
+        message = f"a prompt over {self.prompt_chars} characters cannot fit the model's context{room}"
+        return ApiError(400, message, "context_length_exceeded")
 
     def reload(self, req: Request) -> Reply:
         """Raw safetensors bytes (`?version=N`) from another machine, or JSON naming a file on this one."""
-        if req.headers.get("Content-Type", "").split(";")[0].strip() == "application/octet-stream":
+        if _octet_stream(req):
             version = parse_version(req.query.get("version"))
             state = weights.read_bytes(req.body)
+            weights.check_fits(self.model, state)
         else:
             request = json_object(req.body)
             version = parse_version(request.get("version"))
-            state = weights.read_path(request.get("path"))
-        weights.check_fits(self.model, state)
+            state = weights.read_path(request.get("path"), self.weights_dir)
+            try:
+                weights.check_fits(self.model, state)
+            except ApiError as e:  # its message would quote the file's tensor names: say only that it failed
+                raise ApiError(400, "the weights at that path do not fit this model", e.code) from None
         self.batcher.swap_weights(state, version)
         return 200, {"version": version}
 
     def _run(self, request: GenerationRequest) -> tuple[Job, dict[str, int]]:
         if len(request.prompts) * request.n > MAX_SEQUENCES:
             raise ApiError(400, f"prompts x n must be at most {MAX_SEQUENCES} per request", "invalid_value")
-        with self.tokenizer_lock:
-            ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in request.prompts]
+        if any(len(p) > self.prompt_chars for p in request.prompts):
+            raise self._too_long()  # before tokenizing: a huge prompt costs seconds and memory to tokenize
+        with self.tokenizers.borrow() as tokenizer:
+            ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in request.prompts]
         if any(not x for x in ids):
             raise ApiError(400, "a prompt tokenizes to nothing", "invalid_prompt")
         sampling = request.sampling
@@ -167,6 +243,8 @@ class App:
                     "context_length_exceeded",
                 )
         job = self.batcher.submit(Job(ids, request.n, sampling, request.seed))
+        if isinstance(job.error, ApiError):
+            raise job.error
         if job.error is not None:
             raise ApiError(500, f"generation failed: {type(job.error).__name__}: {job.error}", "engine_error")
         completion = sum(len(r) for r in job.responses)
@@ -178,8 +256,8 @@ class App:
         }
 
     def _texts(self, job: Job) -> list[tuple[str, str]]:
-        with self.tokenizer_lock:
-            texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in job.responses]
+        with self.tokenizers.borrow() as tokenizer:
+            texts = [tokenizer.decode(r, skip_special_tokens=True) for r in job.responses]
         return list(zip(texts, job.reasons, strict=True))
 
     def _envelope(self, prefix: str, kind: str, choices: list, usage: dict, version: int) -> dict[str, Any]:
@@ -194,11 +272,23 @@ class App:
         }
 
 
+def _octet_stream(req: Request) -> bool:
+    return req.headers.get("Content-Type", "").split(";")[0].strip().lower() == "application/octet-stream"
+
+
+def _no_constant(name: str) -> None:
+    raise ApiError(400, f"the request body is not valid JSON: {name} is not a JSON number", "invalid_json")
+
+
 def json_object(body: bytes) -> dict[str, Any]:
     try:
-        data = json.loads(body or b"null")
+        data = json.loads(body or b"null", parse_constant=_no_constant)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ApiError(400, f"the request body is not valid JSON: {e}", "invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply", "invalid_json") from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts (4300)
+        raise ApiError(400, f"the request body is not valid JSON: {str(e)[:120]}", "invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object", "invalid_json")
     return data

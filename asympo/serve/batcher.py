@@ -80,14 +80,19 @@ class Batcher:
         with self.lock:
             self.engine.load_weights(state_dict, version)
 
-    def stop(self) -> None:
+    def close(self) -> None:
+        """Refuse new jobs and answer every waiting one with a 503; a batch already decoding finishes.
+        Never blocks, so a signal handler may call it."""
         with self.ready:
             self.stopping = True
             for job in self.waiting:
-                job.error = RuntimeError("the server is shutting down")
+                job.error = ApiError(503, "the server is shutting down", "unavailable")
                 job.done.set()
             self.waiting.clear()
             self.ready.notify()
+
+    def stop(self) -> None:
+        self.close()
         self.thread.join(timeout=30)
 
     def _take(self) -> list[Job]:

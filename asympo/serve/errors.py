@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error"}
 
 
@@ -15,3 +17,6 @@ class ApiError(Exception):
     def body(self) -> dict:
         kind = TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
         return {"error": {"message": self.message, "type": kind, "code": self.code}}
+
+    def encoded(self) -> bytes:
+        return json.dumps(self.body()).encode()

@@ -6,6 +6,7 @@ silently ignored, so a client never trains on something it did not ask for.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,8 @@ def _number(body: dict, name: str, default: float, low: float, high: float, low_
         return default
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ApiError(400, f"'{name}' must be a number", "invalid_type")
+    if not math.isfinite(value):
+        raise ApiError(400, f"'{name}' must be a finite number", "invalid_value")
     if value < low or value > high or (low_open and value == low):
         bound = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
         raise ApiError(400, f"'{name}' must be in {bound}, got {value}", "invalid_value")
@@ -83,6 +86,7 @@ def parse_completion(body: dict, served: str) -> GenerationRequest:
         raise ApiError(400, "'prompt' must be a string or a non-empty list of strings", "invalid_prompt")
     if any(not p for p in prompts):
         raise ApiError(400, "'prompt' must not be empty", "invalid_prompt")
+    check_text(prompts, "'prompt'", "invalid_prompt")
     max_tokens = _integer(body, "max_tokens", DEFAULT_MAX_TOKENS, 1)
     n, sampling, seed = _sampling(body, max_tokens)
     return GenerationRequest(prompts, n, sampling, seed, body.get("max_tokens") is not None)
@@ -101,6 +105,7 @@ def parse_chat(body: dict, served: str, render: Callable[[list[dict[str, Any]]],
             or not isinstance(m.get("content"), str)
         ):
             raise ApiError(400, "each message must have a string 'role' and 'content'", "invalid_messages")
+    check_text([t for m in messages for t in (m["role"], m["content"])], "a message", "invalid_messages")
     field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _integer(body, field, CHAT_MAX_TOKENS, 1)
     n, sampling, seed = _sampling(body, max_tokens)
@@ -108,6 +113,15 @@ def parse_chat(body: dict, served: str, render: Callable[[list[dict[str, Any]]],
     if not prompt:
         raise ApiError(400, "the messages render to an empty prompt", "invalid_messages")
     return GenerationRequest([prompt], n, sampling, seed, body.get(field) is not None)
+
+
+def check_text(texts: list[str], what: str, code: str) -> None:
+    """Text a tokenizer can take: JSON may carry a lone surrogate (`"\\ud800"`), which is no Unicode text."""
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(400, f"{what} is not valid Unicode (a lone surrogate?)", code) from None
 
 
 def parse_version(value: Any) -> int:

@@ -1,82 +1,229 @@
-"""HTTP plumbing with the standard library: a thread per connection, JSON in and out, OpenAI-style errors."""
+"""HTTP plumbing: Starlette on uvicorn (HTTP/1.1 with keep-alive, h11), JSON in and out, OpenAI-style errors.
+
+Per request, in this order: the request line and headers are parsed by h11 (at most `MAX_HEADER_BYTES`,
+within `HEADER_TIMEOUT` seconds); `App.route` checks path, key and method and picks the route's body limit; a
+declared `Content-Length` over it is a 413 at once; the body is read in the chunks the server receives,
+counted against the limit, each within `BODY_TIMEOUT` seconds; only then does the endpoint run, in a worker
+thread.
+Errors of the HTTP layer itself (a bad request line, oversized headers, a bad `Content-Length`) are answered
+with the same JSON shape by `Protocol`. At shutdown the listener closes, waiting requests get a 503 and
+requests already decoding finish.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import sys
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qsl, urlsplit
+from typing import Any
+
+import anyio
+import h11
+from starlette.datastructures import Headers
+from starlette.responses import Response
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from asympo.serve.app import App, Request
 from asympo.serve.errors import ApiError
 
-MAX_BODY = 16 * 2**20  # completions are small; only /v1/weights carries a model
+BACKLOG = 2048  # the listen queue: bursts of new connections wait here instead of being reset
+HEADER_TIMEOUT = 10.0  # seconds from connecting (or the end of the last reply) to the end of the headers
+BODY_TIMEOUT = 30.0  # seconds the body may pause between two chunks
+KEEP_ALIVE = 30.0  # an idle keep-alive connection is closed after this many seconds
+MAX_HEADER_BYTES = 16 * 2**10  # request line plus headers; more is a 431
+WORKERS = 128  # endpoints running at once (each waits for the engine thread in its own worker thread)
+SHUTDOWN_GRACE = 10  # seconds requests already decoding get to finish when the server stops
 
 
-class ApiServer(ThreadingHTTPServer):
-    daemon_threads = True  # a stuck client never keeps the process alive at shutdown
-    allow_reuse_address = True
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound now (a busy port fails before a model is loaded) and listening once
+    `listen()` is called."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
 
-    app: App  # set once the model is loaded; requests are served only after that (serve_forever)
 
-    def __init__(self, host: str, port: int):
-        if ":" in host:
-            self.address_family = socket.AF_INET6
-        super().__init__((host, port), Handler)
+def json_reply(status: int, payload: dict, close: bool = False) -> Response:
+    headers = {"Connection": "close"} if close else None
+    return Response(json.dumps(payload).encode(), status, headers, media_type="application/json")
 
 
-class Handler(BaseHTTPRequestHandler):
-    server: ApiServer
-    server_version = "asympo-serve"
+class AsgiApp:
+    """The ASGI application: checks before reading, reads in bounded chunks, runs the endpoint in a thread."""
 
-    def do_GET(self) -> None:  # noqa: N802 (the name http.server dispatches to)
-        self._serve("GET")
+    def __init__(self, app: App, body_timeout: float = BODY_TIMEOUT):
+        self.app, self.body_timeout = app, body_timeout
+        self.limiter = anyio.CapacityLimiter(WORKERS)
+        self.stopping = False
 
-    def do_POST(self) -> None:  # noqa: N802
-        self._serve("POST")
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":  # uvicorn runs with lifespan off; answer politely anyway
+            message = await receive()
+            await send({"type": message["type"] + ".complete"})
+            return
+        if scope["type"] != "http":
+            return
+        response = await self._respond(scope, receive)
+        await response(scope, receive, send)
 
-    def _serve(self, method: str) -> None:
+    async def _respond(self, scope: dict, receive: Any) -> Response:
+        headers = Headers(scope=scope)
+        unread = "content-length" in headers or "transfer-encoding" in headers  # until read to its end
         try:
-            body = self._read_body()  # always read, so a refused upload never breaks the connection
-            url = urlsplit(self.path)
-            request = Request(method, url.path, dict(parse_qsl(url.query)), self.headers, body)
-            status, payload = self.server.app.handle(request)
+            if scope.get("http_version") not in ("1.0", "1.1"):
+                raise ApiError(505, "only HTTP/1.0 and HTTP/1.1 are supported", "http_version_not_supported")
+            # h11 bounds headers that arrive in pieces; a block that arrives whole is measured here.
+            size = len(scope.get("raw_path", b"")) + sum(len(k) + len(v) + 4 for k, v in scope["headers"])
+            if size > MAX_HEADER_BYTES:
+                raise ApiError(431, "the request line and headers are too large", "headers_too_large")
+            if self.stopping:
+                raise ApiError(503, "the server is shutting down", "unavailable")
+            query = {k: v for k, v in _query_pairs(scope.get("query_string", b""))}
+            req = Request(scope["method"], scope["path"], query, headers)
+            endpoint, limit = self.app.route(req)
+            req.body = await self._read_body(receive, headers, limit)
+            unread = False
+            status, payload = await anyio.to_thread.run_sync(endpoint, self.app, req, limiter=self.limiter)
+            return json_reply(status, payload)
         except ApiError as e:
-            status, payload = e.status, e.body()
+            # A refused request may leave its body unread: close, so the next request cannot start inside it.
+            return json_reply(e.status, e.body(), close=unread or e.status >= 500)
         except Exception as e:  # a bug, not the client's fault: say so, keep serving
             print(
-                f"asympo serve: internal error on {method} {self.path}: {type(e).__name__}: {e}",
+                f"asympo serve: internal error on {scope.get('method')}: {type(e).__name__}: {e}",
                 file=sys.stderr,
             )
-            status, payload = (
-                500,
-                ApiError(500, f"internal error: {type(e).__name__}", "internal_error").body(),
+            return json_reply(
+                500, ApiError(500, f"internal error: {type(e).__name__}", "internal_error").body()
             )
-        self._send(status, payload)
 
-    def _read_body(self) -> bytes:
-        length = self.headers.get("Content-Length")
-        if length is None:
+    async def _read_body(self, receive: Any, headers: Headers, limit: int) -> bytes:
+        declared = headers.get("content-length")  # h11 has already checked it is digits
+        if declared is not None and int(declared) > limit:
+            raise ApiError(413, f"request body over {limit} bytes for this path", "too_large")
+        if declared is None and "transfer-encoding" not in headers:
             return b""
-        if not length.isdigit():
-            raise ApiError(400, "bad Content-Length header", "invalid_request")
-        size = int(length)
-        if size > MAX_BODY and not self.path.startswith("/v1/weights"):
-            self.close_connection = True  # the body stays unread: this connection cannot be reused
-            raise ApiError(413, f"request body over {MAX_BODY // 2**20} MB", "too_large")
-        return self.rfile.read(size)
+        body = bytearray()
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), self.body_timeout)
+            except TimeoutError:
+                pause = f"the request body paused for over {self.body_timeout:g} s"
+                raise ApiError(408, pause, "timeout") from None
+            if message["type"] == "http.disconnect":
+                raise ApiError(400, "the client went away before sending the whole body", "invalid_request")
+            body += message.get("body", b"")
+            if len(body) > limit:
+                raise ApiError(413, f"request body over {limit} bytes for this path", "too_large")
+            if not message.get("more_body", False):
+                return bytes(body)
 
-    def _send(self, status: int, payload: dict) -> None:
-        data = json.dumps(payload).encode()
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client gave up (timeout); nothing to tell it
 
-    def log_message(self, format: str, *args: object) -> None:
-        """Quiet: one line per request would drown a training run's output (and never show headers)."""
+def _query_pairs(raw: bytes) -> list[tuple[str, str]]:
+    from urllib.parse import parse_qsl
+
+    try:
+        return parse_qsl(raw.decode("latin-1"), max_num_fields=32)
+    except ValueError:
+        raise ApiError(400, "too many query parameters", "invalid_request") from None
+
+
+class Protocol(H11Protocol):
+    """uvicorn's h11 protocol with JSON errors from the HTTP layer and a deadline for the headers (slowloris):
+    a connection that has not finished its request line and headers `HEADER_TIMEOUT` seconds after it opened
+    (or after its last reply) gets a 408 and is closed."""
+
+    header_timeout = HEADER_TIMEOUT  # run_serve sets the configured value on a subclass
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._protocol_error: h11.RemoteProtocolError | None = None
+        self._header_timer: asyncio.TimerHandle | None = None
+        next_event = self.conn.next_event
+
+        def remember_errors() -> Any:
+            try:
+                return next_event()
+            except h11.RemoteProtocolError as e:
+                self._protocol_error = e
+                raise
+
+        self.conn.next_event = remember_errors  # type: ignore[method-assign]
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_header_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            if self._header_timer is None:
+                self._arm_header_timer()
+        else:
+            self._disarm_header_timer()
+
+    def _arm_header_timer(self) -> None:
+        self._disarm_header_timer()
+        self._header_timer = self.loop.call_later(self.header_timeout, self._headers_too_slow)
+
+    def _disarm_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+            return
+        if self.cycle is not None and not self.cycle.response_complete:
+            return  # a request is being answered (pipelining): its own deadlines apply
+        if self.conn.our_state is h11.IDLE and not self.conn.trailing_data[0]:
+            self.transport.close()  # nothing of a request arrived: an idle keep-alive connection
+            return
+        self._send_error(408, "the request headers took too long", "timeout")
+
+    def send_400_response(self, msg: str) -> None:
+        error, self._protocol_error = self._protocol_error, None
+        status = error.error_status_hint if error is not None else 400
+        if status == 431:
+            self._send_error(431, "the request line and headers are too large", "headers_too_large")
+        elif status == 501:
+            self._send_error(501, "this Transfer-Encoding is not supported", "not_implemented")
+        else:
+            reason = str(error)[:200] if error is not None else "malformed"
+            self._send_error(400, f"invalid HTTP request: {reason}", "invalid_request")
+
+    def _send_error(self, status: int, message: str, code: str) -> None:
+        """An error answered by the HTTP layer, in the API's JSON shape, after which the connection closes.
+        Written as raw bytes: h11 may already be in its error state and refuse to send a response."""
+        body = ApiError(status, message, code).encoded()
+        reason = h11_reason(status)
+        head = (
+            f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+        ).encode()
+        self._disarm_header_timer()
+        if not self.transport.is_closing():
+            self.transport.write(head + body)
+            self.transport.close()
+
+
+def h11_reason(status: int) -> str:
+    from http import HTTPStatus
+
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
