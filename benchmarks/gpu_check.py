@@ -40,6 +40,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 from transformers.utils import logging as hf_logging
 
+from asympo.batch import make_batch
 from asympo.bench.engine import make_prompts, run_generate, useful_tokens
 from asympo.bench.learner import matmul_peak, step_flops, synthetic_batch
 from asympo.bench.precision import device_description
@@ -50,7 +51,7 @@ from asympo.logprobs import token_logprobs
 from asympo.models.device import Placement, engine_copy, for_engine, resolve_device
 from asympo.models.load import load_policy
 from asympo.objectives.common import ObjectiveConfig
-from asympo.rollout.base import SamplingConfig
+from asympo.rollout.base import Sample, SamplingConfig
 from asympo.rollout.hf import HFEngine
 from asympo.runtime.devices import activation_bytes
 
@@ -232,19 +233,6 @@ def part_tiny(device: torch.device, sizes: Sizes, small: bool, out: Path) -> dic
     return record
 
 
-def pack(prompts: list[list[int]], responses: list[list[int]], pad: int) -> tuple[torch.Tensor, ...]:
-    """Prompt + response rows, right-padded; `scored` marks the positions that predict a response token."""
-    width = max(len(p) + len(r) for p, r in zip(prompts, responses, strict=True))
-    ids = torch.full((len(prompts), width), pad)
-    mask = torch.zeros_like(ids)
-    scored = torch.zeros(len(prompts), width - 1, dtype=torch.bool)
-    for row, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
-        seq = list(prompt) + response
-        ids[row, : len(seq)], mask[row, : len(seq)] = torch.tensor(seq), 1
-        scored[row, len(prompt) - 1 : len(seq) - 1] = True
-    return ids, mask, scored
-
-
 def part_logprobs(device: torch.device, sizes: Sizes) -> dict:
     """Sequences sampled by a bf16 engine on the device, scored (1) by token_logprobs in float32 on the CPU,
     the reference; (2) by token_logprobs under bf16 autocast on the device, as the learner scores; (3) by the
@@ -256,7 +244,9 @@ def part_logprobs(device: torch.device, sizes: Sizes) -> dict:
     prompts = [p for p in make_prompts(tokenizer, sizes.scored_prompts, 1) for _ in range(4)]
     sampling = SamplingConfig(temperature=1.0, max_new_tokens=sizes.scored_tokens)
     responses, behaviour, _ = engine.generate_ids(prompts, sampling, torch.Generator().manual_seed(0))
-    ids, mask, scored = pack(prompts, responses, engine.pad_id)
+    samples = [Sample("", list(p), r, "", "length", 0) for p, r in zip(prompts, responses, strict=True)]
+    batch = make_batch(samples, engine.pad_id, "mean")
+    ids, mask, scored = batch.input_ids, batch.attention_mask, batch.response_mask
     on_device = copy.deepcopy(model).to(device)  # float32 weights, as the learner keeps them
     with torch.no_grad():
         reference = token_logprobs(model.eval(), ids, mask, 1.0, scored)[scored]

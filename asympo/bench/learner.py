@@ -88,6 +88,25 @@ def matmul_peak(
     return best, best_n
 
 
+def alternate_steps(learners: dict[str, Learner], batch: TrainBatch, repeats: int) -> dict[str, list[float]]:
+    """Seconds of each learner's step on `batch`, `repeats` rounds, the learners back to back in each round
+    so that drift in machine load hits all alike; round 0 warms up (allocator, Adam state) and is not
+    counted. Synchronises a CUDA device around each step."""
+    times: dict[str, list[float]] = {name: [] for name in learners}
+    for round_ in range(repeats + 1):
+        for name, learner in learners.items():
+            cuda = learner.placement.device.type == "cuda"
+            if cuda:
+                torch.cuda.synchronize(learner.placement.device)
+            start = time.perf_counter()
+            learner.step(batch)
+            if cuda:
+                torch.cuda.synchronize(learner.placement.device)
+            if round_:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
 def learner_steps(
     model: PreTrainedModel,
     vocab: int,
@@ -104,13 +123,7 @@ def learner_steps(
         name: Learner(copy.deepcopy(model), ObjectiveConfig(name=name), optim, placement=placement)
         for name in ("asympo", "decoupled_ppo")
     }
-    times: dict[str, list[float]] = {name: [] for name in learners}
-    for round_ in range(repeats + 1):  # round 0 warms up (allocator, Adam state) and is not counted
-        for name, learner in learners.items():
-            start = time.perf_counter()
-            learner.step(batch)
-            if round_:
-                times[name].append(time.perf_counter() - start)
+    times = alternate_steps(learners, batch, repeats)
     asympo, ppo = (statistics.median(times[n]) for n in learners)
     # each round's own ratio: the two steps of a round ran back to back, so slow drift in load cancels
     ratio = statistics.median(a / p for a, p in zip(times["asympo"], times["decoupled_ppo"], strict=True))

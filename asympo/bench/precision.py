@@ -19,7 +19,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from asympo.bench.engine import make_prompts, useful_tokens
-from asympo.bench.learner import matmul_peak, step_flops, synthetic_batch
+from asympo.bench.learner import alternate_steps, matmul_peak, step_flops, synthetic_batch
 from asympo.config import OptimConfig
 from asympo.learner import Learner
 from asympo.models.device import Placement, engine_copy
@@ -79,15 +79,7 @@ def learner_precisions(
         )
         for precision in ("fp32", "bf16")
     }
-    times: dict[str, list[float]] = {p: [] for p in learners}
-    for round_ in range(repeats + 1):
-        for precision, learner in learners.items():
-            _sync(device)
-            start = time.perf_counter()
-            learner.step(batch)
-            _sync(device)
-            if round_:
-                times[precision].append(time.perf_counter() - start)
+    times = alternate_steps(learners, batch, repeats)
     del learners
     flops = step_flops(model, batch)
     out: dict = {"step_gflop": flops / 1e9}
