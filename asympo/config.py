@@ -166,19 +166,33 @@ class SFTConfig(Placed):
 
 
 STUDY_BASE = TrainConfig(
-    steps=150, eval_every=25, eval_samples=4, progress=False, save_model=False, checkpoint_every=0
+    steps=150,
+    eval_every=25,
+    eval_samples=4,
+    progress=False,
+    save_model=False,
+    checkpoint_every=0,
+    task=TaskConfig(validation_size=200),
 )
+
+# `name:variant` grid entries: the settings each variant sets on top of the base (several may be chained)
+STUDY_VARIANTS: dict[str, dict[str, dict[str, str]]] = {
+    "learner": {"behaviour": {"source": "learner"}},  # behaviour log-probs recomputed by the learner
+    "group": {"objective": {"asympo_scale": "group"}},  # asympo at pg's step size
+}
 
 
 class StudyConfig(Strict):
-    """A grid of `asympo train` runs in the deterministic lag runtime: objectives x staleness k x seeds.
+    """A grid of `asympo train` runs in the deterministic lag runtime: objectives x k x lr x seeds.
 
-    An objective entry `name:learner` runs `name` with behaviour log-probs recomputed by the learner.
+    An objective entry `name:variant` runs `name` with a variant's settings (STUDY_VARIANTS): `grpo:learner`
+    recomputes behaviour log-probs in the learner, `asympo:group` scales ASymPO to pg's step size.
     """
 
-    base: TrainConfig = STUDY_BASE  # every cell's settings; objective, lag, seed and out are set per cell
-    objectives: list[str] = ["pg", "gpg", "spo", "asympo", "grpo", "grpo:learner", "decoupled_ppo"]
+    base: TrainConfig = STUDY_BASE  # every cell's settings; objective, lag, lr, seed and out are set per cell
+    objectives: list[str] = ["pg", "spo", "asympo", "asympo:group", "grpo", "grpo:learner"]
     lags: list[int] = [0, 2, 4, 8]
+    lrs: list[float] = [3e-5, 1e-4, 3e-4]  # each objective's lr is chosen per k on the validation set
     seeds: list[int] = [0, 1, 2]
     collapse_drop: float = Field(0.5, gt=0, lt=1)  # collapsed: final accuracy < collapse_drop * initial
     workers: int = Field(2, ge=1)  # cells run side by side in separate processes
@@ -192,11 +206,17 @@ class StudyConfig(Strict):
         from asympo.objectives import OBJECTIVES
 
         for entry in names:
-            name, _, source = entry.partition(":")
-            if name not in OBJECTIVES or source not in ("", "learner"):
+            name, *variants = entry.split(":")
+            unknown = [v for v in variants if v not in STUDY_VARIANTS]
+            if name not in OBJECTIVES or unknown:
                 raise ValueError(
-                    f"unknown objective '{entry}'; known: {', '.join(OBJECTIVES)} (or name:learner)"
+                    f"unknown objective '{entry}'; known: {', '.join(OBJECTIVES)}, each optionally with "
+                    f":{' or :'.join(STUDY_VARIANTS)}"
                 )
+            if "group" in variants and name != "asympo":
+                raise ValueError(f"'{entry}': the group variant is asympo's (objective.asympo_scale=group)")
+        if len(set(names)) < len(names):
+            raise ValueError("objectives lists an entry twice")
         return names
 
     @field_validator("lags")
@@ -205,6 +225,13 @@ class StudyConfig(Strict):
         if not lags or min(lags) < 0:
             raise ValueError("lags must be a non-empty list of integers >= 0")
         return lags
+
+    @field_validator("lrs")
+    @classmethod
+    def _positive(cls, lrs: list[float]) -> list[float]:
+        if not lrs or min(lrs) <= 0 or len(set(lrs)) < len(lrs):
+            raise ValueError("lrs must be a non-empty list of distinct learning rates > 0")
+        return sorted(lrs)
 
 
 class EvalConfig(Placed):

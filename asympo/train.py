@@ -51,6 +51,7 @@ class Trainer:
         atomic_write_text(self.out / "config.json", cfg.model_dump_json(indent=2))
         self.task = Task(cfg.task, Prompter(cfg.prompt, self.tokenizer))  # bad data fails before any
         self.held_out = self.task.held_out()  # process starts
+        self.validation = self.task.validation()  # empty unless task.validation_size > 0
         if self.task.skipped:
             self.say(f"skipped {self.task.skipped} bad rows of {cfg.task.name}")
         self.rewards = RewardGuard(cfg.reward, cfg.faults.reward_timeout)
@@ -115,14 +116,15 @@ class Trainer:
             master = self.learner.weights(torch.float32) if current else weights
             self.recompute.store.put(version, master)
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, problems: list | None = None) -> dict[str, float]:
+        """Held-out accuracy on the test set, or on `problems` (the validation set)."""
         cfg, engine = self.cfg, self.eval_engine
         self.model.eval()
         if engine.model is not self.model and engine.version != self.learner.version:
             engine.load_weights(self.learner.weights(), self.learner.version)
-        return held_out_accuracy(
-            self.eval_engine, self.held_out, cfg.eval_samples, cfg.rollout, cfg.seed, self.rewards.score
-        )
+        problems = self.held_out if problems is None else problems
+        score = self.rewards.score
+        return held_out_accuracy(engine, problems, cfg.eval_samples, cfg.rollout, cfg.seed, score)
 
     def checkpoint(self, step: int) -> Path:
         learner, state = self.learner, self.state
@@ -193,9 +195,10 @@ class Trainer:
 
     def finish(self, before: dict[str, float]) -> dict:
         after = self.evaluate()
-        self.log.log(
-            self.cfg.steps, {f"test_{k}": v for k, v in after.items()} | {"version": self.learner.version}
-        )
+        final = {f"test_{k}": v for k, v in after.items()} | {"version": self.learner.version}
+        validation = self.evaluate(self.validation) if self.validation else {}
+        final |= {f"validation_{k}": v for k, v in validation.items()}
+        self.log.log(self.cfg.steps, final)
         self.log.close()
         if self.cfg.save_model:
             save_model_atomic(self.model, self.tokenizer, self.out / "final")
@@ -204,6 +207,7 @@ class Trainer:
             "accuracy_after": after["accuracy"],
             "greedy_accuracy_before": before["greedy_accuracy"],
             "greedy_accuracy_after": after["greedy_accuracy"],
+            **({"validation_accuracy_after": validation["accuracy"]} if validation else {}),
             "steps": self.cfg.steps,
             "version": self.learner.version,
             "skipped_steps": self.learner.skipped_steps,

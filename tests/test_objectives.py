@@ -214,6 +214,19 @@ def test_asympo_eps_clamp():
     assert contrib.tolist() == pytest.approx([1.0 * 0.001 / 0.01 / 2, -1.0 / 2])
     metrics = compute_loss(inputs, ObjectiveConfig(name="asympo", asympo_eps=0.01))[1]
     assert metrics["asympo_scale_mean"] == pytest.approx((100 + 1) / 2)
+    assert metrics["asympo_scale_max"] == pytest.approx(100)
+    assert (metrics["asympo_scale_pos"], metrics["asympo_scale_neg"]) == pytest.approx((100, 1))
+
+
+def test_asympo_positive_share_is_a_half_at_equal_nll_and_tilts_to_the_likelier_side():
+    """With zero-sum advantages pg splits sum |C A| evenly; ASymPO moves it to the lower-NLL responses."""
+    even_lp = [[-1.0, -1.0], [-1.0, -1.0]]
+    even = make_inputs(lp=even_lp, beh=even_lp, prox=even_lp, adv=[1.0, -1.0], groups=[0, 0])
+    assert compute_loss(even, ObjectiveConfig(name="asympo"))[1]["asympo_pos_share"] == pytest.approx(0.5)
+    lp = [[-0.5, -0.5], [-2.0, -2.0]]
+    tilted = make_inputs(lp=lp, beh=lp, prox=lp, adv=[1.0, -1.0], groups=[0, 0])
+    metrics = compute_loss(tilted, ObjectiveConfig(name="asympo"))[1]
+    assert metrics["asympo_pos_share"] == pytest.approx((1 / 0.5) / (1 / 0.5 + 1 / 2.0))
 
 
 # --- relations between objectives ----------------------------------------------------------------

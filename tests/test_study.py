@@ -1,5 +1,6 @@
-"""`asympo study` end to end: a two-cell, few-step grid through the CLI, its files, and that every table
-number is a recomputation from the cells' own metrics files; a second run resumes without rerunning."""
+"""`asympo study` end to end: a four-cell, few-step grid (two objectives x two lrs) through the CLI, its
+files, that every table number is a recomputation from the cells' own metrics files, that the lr is chosen
+on the validation set; a second run resumes without rerunning."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from asympo.config import StudyConfig, build_config
 from asympo.errors import UserError
 
 GRID = [
-    "objectives=[pg,asympo]",
+    "objectives=[pg,asympo:group]",
     "lags=[1]",
+    "lrs=[1e-4,3e-4]",
     "seeds=[0]",
     "base.steps=4",
     "base.eval_every=2",
@@ -24,6 +26,7 @@ GRID = [
     "base.rollout.group_size=4",
     "base.eval_samples=1",
     "base.task.test_size=20",
+    "base.task.validation_size=20",
     "workers=2",
     "progress=false",
 ]
@@ -54,50 +57,72 @@ def _cell(out, name):
     return result, steps
 
 
+CELLS = [f"{o}-k1-lr{lr}-s0" for o in ("pg", "asympo-group") for lr in ("0.0001", "0.0003")]
+
+
 def test_study_writes_table_csv_and_plots(study_out):
-    for name in ["results.md", "results.csv", "cells.csv", "study.json"]:
+    for name in ["results.md", "results.csv", "tuned.csv", "cells.csv", "study.json"]:
         assert (study_out / name).stat().st_size > 0, name
-    for name in ["accuracy.png", "reward.png", "nll_ratio.png", "loss_split.png"]:
+    for name in ["accuracy.png", "reward.png", "nll_ratio.png", "grad_norm.png", "loss_split.png", "lr.png"]:
         assert (study_out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
-    for name in ["pg-k1-s0", "asympo-k1-s0"]:
+    for name in CELLS:
         cfg = json.loads((study_out / "cells" / name / "config.json").read_text())
         assert (cfg["runtime"]["mode"], cfg["runtime"]["lag"]) == ("lag", 1)
         assert cfg["steps"] == 4 and cfg["seed"] == 0
         assert cfg["objective"]["name"] == name.split("-")[0]
+        assert cfg["objective"]["asympo_scale"] == ("group" if "group" in name else "none")  # the variant
+        assert cfg["optim"]["lr"] == float(name.split("-lr")[1].split("-s")[0])
         assert cfg["eval_samples"] == 1  # the study's base overrides reach each cell
         assert not (study_out / "cells" / name / "final").exists()  # study cells keep no model
 
 
 def test_every_table_number_comes_from_the_cells_metrics(study_out):
-    rows = {r["objective"]: r for r in _read_csv(study_out / "results.csv")}
-    assert set(rows) == {"pg", "asympo"}
+    rows = {(r["objective"], float(r["lr"])): r for r in _read_csv(study_out / "results.csv")}
+    assert set(rows) == {(o, lr) for o in ("pg", "asympo:group") for lr in (1e-4, 3e-4)}
     markdown = (study_out / "results.md").read_text()
-    for objective, row in rows.items():
-        result, steps = _cell(study_out, f"{objective}-k1-s0")
+    for (objective, lr), row in rows.items():
+        result, steps = _cell(study_out, f"{objective.replace(':', '-')}-k1-lr{lr:g}-s0")
         trained = [m for m in steps if "reward" in m]
         assert len(trained) == 4
         evals = [m["test_accuracy"] for m in trained if "test_accuracy" in m]
         best = max([result["accuracy_before"], *evals, result["accuracy_after"]])
         ratio = statistics.fmean(m["nll_ratio"] for m in trained if m.get("nll_ratio") is not None)
         assert float(row["final_mean"]) == pytest.approx(result["accuracy_after"])
+        assert float(row["validation_mean"]) == pytest.approx(result["validation_accuracy_after"])
         assert float(row["best_mean"]) == pytest.approx(best)
         assert float(row["nll_ratio_mean"]) == pytest.approx(ratio)
+        grad_norm = statistics.fmean(m["grad_norm"] for m in trained)
+        assert float(row["grad_norm_mean"]) == pytest.approx(grad_norm)
         collapsed = result["accuracy_after"] < 0.5 * result["accuracy_before"]
         assert int(row["collapsed"]) == int(collapsed)
-        line = next(line for line in markdown.splitlines() if line.startswith(f"| {objective} | 1 |"))
+        start = f"| {objective} | 1 | {lr:g} |"
+        line = next(line for line in markdown.splitlines() if line.startswith(start))
         assert f"{result['accuracy_after']:.3f} ± 0.000" in line
         assert f"{ratio:.3f}" in line
 
 
+def test_the_lr_is_chosen_on_validation_never_on_test(study_out):
+    tuned = {r["objective"]: r for r in _read_csv(study_out / "tuned.csv")}
+    for objective in ("pg", "asympo:group"):
+        name = objective.replace(":", "-")
+        results = {lr: _cell(study_out, f"{name}-k1-lr{lr:g}-s0")[0] for lr in (1e-4, 3e-4)}
+        validation = {lr: r["validation_accuracy_after"] for lr, r in results.items()}
+        expected = max(sorted(validation), key=validation.get)  # ties: the smaller lr
+        row = tuned[objective]
+        assert float(row["chosen_lr"]) == expected
+        assert float(row["chosen_final_mean"]) == pytest.approx(results[expected]["accuracy_after"])
+        assert float(row["default_lr_final_mean"]) == pytest.approx(results[1e-4]["accuracy_after"])
+
+
 def test_rerun_resumes_finished_cells_and_runs_only_new_ones(study_out):
     before = {p: p.stat().st_mtime_ns for p in (study_out / "cells").glob("*/result.json")}
-    result = study(study_out, "objectives=[pg,asympo,spo]")
+    result = study(study_out, "objectives=[pg,asympo:group,spo]")
     assert result.returncode == 0, result.stderr
-    assert "2 of 3 cells already done, running 1" in result.stdout + result.stderr
+    assert "4 of 6 cells already done, running 2" in result.stdout + result.stderr
     after = {p: p.stat().st_mtime_ns for p in (study_out / "cells").glob("*/result.json")}
     assert {p: after[p] for p in before} == before  # finished cells were not run again
-    assert len(after) == 3
-    assert {r["objective"] for r in _read_csv(study_out / "results.csv")} == {"pg", "asympo", "spo"}
+    assert len(after) == 6
+    assert {r["objective"] for r in _read_csv(study_out / "results.csv")} == {"pg", "asympo:group", "spo"}
 
 
 def test_study_config_keeps_base_defaults_and_rejects_bad_grids():
@@ -108,3 +133,13 @@ def test_study_config_keeps_base_defaults_and_rejects_bad_grids():
     with pytest.raises(UserError, match="lags"):
         build_config(StudyConfig, None, ["lags=[-1]"])
     assert build_config(StudyConfig, None, ["objectives=[grpo:learner]"]).objectives == ["grpo:learner"]
+    assert build_config(StudyConfig, None, ["lrs=[3e-4,1e-5]"]).lrs == [1e-5, 3e-4]
+    for bad, message in [
+        ("objectives=[grpo:group]", "group variant is asympo's"),
+        ("objectives=[asympo:big]", "unknown objective 'asympo:big'"),
+        ("objectives=[pg,pg]", "twice"),
+        ("lrs=[0]", "lrs"),
+        ("lrs=[]", "lrs"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            build_config(StudyConfig, None, [bad])

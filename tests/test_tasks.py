@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 
+from asympo.data.source import Task
 from asympo.data.tasks import TaskConfig, held_out_problems, is_test, train_stream
 from asympo.errors import UserError
 from asympo.rewards.exact import exact_match
@@ -23,6 +25,31 @@ def test_train_and_test_never_share_a_problem():
     assert len(test) == 300
     assert not test & train
     assert all(is_test(p) for p in test) and not any(is_test(p) for p in train)
+
+
+def test_validation_set_is_disjoint_from_test_and_never_trained_on():
+    plain, cfg = TaskConfig(), TaskConfig(validation_size=150)
+    validation = {p.prompt for p in held_out_problems(cfg, "validation")}
+    test = {p.prompt for p in held_out_problems(cfg)}
+    train = {p.prompt for p in itertools.islice(train_stream(cfg, seed=0), 20_000)}
+    assert len(validation) == 150 and not validation & test and not validation & train
+    assert held_out_problems(cfg) == held_out_problems(plain)  # the test set does not move
+    plain_train = {p.prompt for p in itertools.islice(train_stream(plain, seed=0), 20_000)}
+    assert validation & plain_train  # without a validation set those problems are trained on
+    assert Task(cfg).validation() == held_out_problems(cfg, "validation") and Task(plain).validation() == []
+    with pytest.raises(UserError, match="validation_size"):
+        held_out_problems(TaskConfig(operands=2, digits=1, validation_size=500), "validation")
+
+
+def test_dataset_validation_rows_come_out_of_the_training_rows(tmp_path):
+    rows = [{"question": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(400)]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = Task(TaskConfig(name=str(path), validation_size=10))
+    validation = {p.prompt for p in task.validation()}
+    trained = {p.prompt for p in itertools.islice(task.train(0), 400)}
+    assert len(validation) == 10 and not validation & trained
+    assert not validation & {p.prompt for p in task.held_out()}
 
 
 def test_seeded_and_reproducible():

@@ -13,7 +13,15 @@ from pathlib import Path
 
 from asympo.data.files import FILE_SUFFIXES, Row, check_rows, raw_rows
 from asympo.data.hub import dataset_records
-from asympo.data.tasks import Problem, TaskConfig, held_out_problems, is_test, train_stream
+from asympo.data.tasks import (
+    VALIDATION_BUCKET,
+    Problem,
+    TaskConfig,
+    bucket,
+    held_out_problems,
+    is_test,
+    train_stream,
+)
 from asympo.errors import UserError
 
 
@@ -44,6 +52,13 @@ class Task:
         else:  # hold out by a hash of the question: a property of the row, stable across file orders
             test = [r for r in rows if is_test(r.question)]
             rows = [r for r in rows if not is_test(r.question)]
+        self.validation_rows = []
+        if cfg.validation_size:  # a second hash bucket of the training rows, never trained on
+            self.validation_rows = [r for r in rows if bucket(r.question) == VALIDATION_BUCKET]
+            rows = [r for r in rows if bucket(r.question) != VALIDATION_BUCKET]
+            if not self.validation_rows:
+                raise UserError(f"task '{cfg.name}' has too few rows for a validation set")
+            self.validation_rows = self.validation_rows[: cfg.validation_size]
         if not rows:
             raise UserError(f"task '{cfg.name}' has no usable training rows")
         if not test:
@@ -60,6 +75,13 @@ class Task:
 
     def held_out(self) -> list[Problem]:
         rows = held_out_problems(self.cfg) if self.builtin else self.test_rows
+        return [self.problem(r) for r in rows]
+
+    def validation(self) -> list[Problem]:
+        """Empty unless task.validation_size > 0."""
+        if not self.cfg.validation_size:
+            return []
+        rows = held_out_problems(self.cfg, "validation") if self.builtin else self.validation_rows
         return [self.problem(r) for r in rows]
 
     def train(self, seed: int, start: int = 0) -> Iterator[Problem]:

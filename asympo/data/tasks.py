@@ -16,7 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from asympo.errors import UserError
 
-TEST_BUCKETS = 10  # one problem in ten is held out
+BUCKETS = 10  # one problem in ten is held out for testing; with validation_size > 0 another one in ten
+TEST_BUCKET, VALIDATION_BUCKET = 0, 1
 
 
 class TaskConfig(BaseModel):
@@ -39,6 +40,9 @@ class TaskConfig(BaseModel):
     answer_format: Literal["plain", "gsm8k", "boxed"] = "plain"  # gsm8k: after '####'; boxed: last \boxed{}
     skip_bad_rows: bool = False  # skip and count bad rows instead of stopping at the first one
     test_size: int = Field(200, ge=1)  # held-out problems used (datasets: at most this many)
+    # > 0: also hold out a validation set (a second hash bucket, never trained on), scored after training;
+    # studies choose hyper-parameters on it so that the test set is never looked at to choose
+    validation_size: int = Field(0, ge=0)
     seed: int = 1234  # fixes the arith test set; the train stream is seeded by the run's seed
 
     @field_validator("ops")
@@ -55,9 +59,19 @@ class Problem:
     answer: str
 
 
-def is_test(prompt: str) -> bool:
+def bucket(prompt: str) -> int:
     digest = hashlib.blake2b(prompt.encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") % TEST_BUCKETS == 0
+    return int.from_bytes(digest, "little") % BUCKETS
+
+
+def is_test(prompt: str) -> bool:
+    return bucket(prompt) == TEST_BUCKET
+
+
+def is_held_out(prompt: str, cfg: TaskConfig) -> bool:
+    """Never trained on: the test bucket, and the validation bucket when the task has a validation set."""
+    b = bucket(prompt)
+    return b == TEST_BUCKET or (cfg.validation_size > 0 and b == VALIDATION_BUCKET)
 
 
 def random_problem(rng: random.Random, cfg: TaskConfig) -> Problem:
@@ -71,19 +85,24 @@ def random_problem(rng: random.Random, cfg: TaskConfig) -> Problem:
     return Problem(prompt=text + "=", answer=str(total))
 
 
-def held_out_problems(cfg: TaskConfig) -> list[Problem]:
-    """The held-out set: the first `test_size` distinct test-bucket problems of the task seed's stream."""
+def held_out_problems(cfg: TaskConfig, split: Literal["test", "validation"] = "test") -> list[Problem]:
+    """A held-out set: the first `test_size` (or `validation_size`) distinct problems of the split's bucket
+    in the task seed's stream."""
+    test = split == "test"
+    wanted, size = (TEST_BUCKET, cfg.test_size) if test else (VALIDATION_BUCKET, cfg.validation_size)
     rng, seen, out = random.Random(cfg.seed), set(), []
-    for _ in range(200 * cfg.test_size + 10_000):
+    for _ in range(200 * size + 10_000):
+        if len(out) == size:
+            return out
         p = random_problem(rng, cfg)
-        if is_test(p.prompt) and p.prompt not in seen:
+        if bucket(p.prompt) == wanted and p.prompt not in seen:
             seen.add(p.prompt)
             out.append(p)
-            if len(out) == cfg.test_size:
-                return out
+    if len(out) == size:
+        return out
     raise UserError(
-        f"task.test_size={cfg.test_size} is more than this task has held-out problems ({len(out)} found); "
-        "lower task.test_size or raise task.digits / task.operands"
+        f"task.{split}_size={size} is more than this task has {split} problems ({len(out)} found); "
+        f"lower task.{split}_size or raise task.digits / task.operands"
     )
 
 
@@ -92,7 +111,7 @@ def train_stream(cfg: TaskConfig, seed: int, start: int = 0) -> Iterator[Problem
     rng, index = random.Random(f"train-{cfg.seed}-{seed}"), 0
     while True:
         p = random_problem(rng, cfg)
-        if is_test(p.prompt):
+        if is_held_out(p.prompt, cfg):
             continue
         if index >= start:
             yield p

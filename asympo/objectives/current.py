@@ -70,4 +70,18 @@ def gpg(inputs: LossInputs, cfg: ObjectiveConfig) -> tuple[Tensor, Tensor]:
 
 
 def asympo_diagnostics(inputs: LossInputs, cfg: ObjectiveConfig) -> dict[str, Tensor]:
-    return {"asympo_scale_mean": asympo_weights(inputs, cfg).mean()}
+    """The weights C_i, split by advantage sign, and the positive responses' share of sum |C_i A_i|: pg's
+    share is 1/2 under group_norm advantages (zero-sum groups), so a share above 1/2 is ASymPO's tilt."""
+    weight, adv = asympo_weights(inputs, cfg), inputs.advantages
+    pos, neg = adv > 0, adv < 0
+    effective = (weight * adv).abs()
+    out = {
+        "asympo_scale_mean": weight.mean(),
+        "asympo_scale_max": weight.max(),
+        "asympo_pos_share": effective[pos].sum() / effective.sum().clamp(min=1e-12),
+    }
+    if bool(pos.any()):
+        out["asympo_scale_pos"] = weight[pos].mean()
+    if bool(neg.any()):
+        out["asympo_scale_neg"] = weight[neg].mean()
+    return out

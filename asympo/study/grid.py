@@ -8,7 +8,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
-from asympo.config import StudyConfig, TrainConfig
+from asympo.config import STUDY_VARIANTS, StudyConfig, TrainConfig
 from asympo.io import atomic_write_text, ensure_writable_dir
 from asympo.metrics import console, progress_bar
 
@@ -17,23 +17,28 @@ from asympo.metrics import console, progress_bar
 class Cell:
     objective: str  # as in the grid, e.g. "grpo" or "grpo:learner"
     lag: int
+    lr: float
     seed: int
 
     @property
     def name(self) -> str:
-        return f"{self.objective.replace(':', '-')}-k{self.lag}-s{self.seed}"
+        return f"{self.objective.replace(':', '-')}-k{self.lag}-lr{self.lr:g}-s{self.seed}"
 
 
 def cells_of(cfg: StudyConfig) -> list[Cell]:
-    return [Cell(o, k, s) for k in cfg.lags for o in cfg.objectives for s in cfg.seeds]
+    """Seed by seed: a study stopped part-way already holds whole grids of the first seeds."""
+    return [Cell(o, k, lr, s) for s in cfg.seeds for k in cfg.lags for o in cfg.objectives for lr in cfg.lrs]
 
 
 def cell_config(cfg: StudyConfig, cell: Cell, folder: Path) -> TrainConfig:
-    name, _, source = cell.objective.partition(":")
+    name, *variants = cell.objective.split(":")
     data = cfg.base.model_dump()
     data["objective"]["name"] = name
-    data["behaviour"]["source"] = source or "engine"
+    for variant in variants:
+        for section, values in STUDY_VARIANTS[variant].items():
+            data[section] |= values
     data["runtime"] = {"mode": "lag", "lag": cell.lag}
+    data["optim"]["lr"] = cell.lr
     data |= {"seed": cell.seed, "out": str(folder), "progress": False}
     return TrainConfig.model_validate(data)
 

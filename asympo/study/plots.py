@@ -1,4 +1,5 @@
-"""PNG plots of the study: one panel per staleness k, one line per objective (mean over seeds)."""
+"""PNG plots of the study: one panel per staleness k, one line per objective (mean over seeds), each
+objective at its validation-chosen lr (the base lr without a validation set); and final accuracy by lr."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from asympo.config import StudyConfig
 from asympo.study.grid import cells_of, load_cell
 from asympo.study.report import accuracy_curve
 
+Picks = dict[tuple[str, int], float]  # (objective, k) -> the lr plotted
+
 
 def smooth(values: list[float], window: int = 10) -> np.ndarray:
     x = np.asarray(values, dtype=float)
@@ -19,10 +22,14 @@ def smooth(values: list[float], window: int = 10) -> np.ndarray:
     return np.convolve(x, np.ones(window) / window, mode="valid")
 
 
-def _series(cfg: StudyConfig, out: Path, metric: str) -> dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]:
+def _series(
+    cfg: StudyConfig, out: Path, metric: str, picks: Picks
+) -> dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]:
     """(objective, k) -> (x, mean over seeds of y): held-out accuracy by eval, else a per-step metric."""
     runs: dict[tuple[str, int], list[tuple[list, list]]] = defaultdict(list)
     for cell in cells_of(cfg):
+        if picks.get((cell.objective, cell.lag), cfg.lrs[0]) != cell.lr:
+            continue
         result, steps = load_cell(out / "cells" / cell.name)
         if metric == "test_accuracy":
             xs, ys = zip(*accuracy_curve(result, steps), strict=True)
@@ -38,7 +45,13 @@ def _series(cfg: StudyConfig, out: Path, metric: str) -> dict[tuple[str, int], t
 
 
 def _panels(
-    cfg: StudyConfig, out: Path, metrics: list[tuple[str, str]], ylabel: str, path: Path, window: int
+    cfg: StudyConfig,
+    out: Path,
+    metrics: list[tuple[str, str]],
+    ylabel: str,
+    path: Path,
+    window: int,
+    picks: Picks,
 ):
     import matplotlib
 
@@ -48,29 +61,58 @@ def _panels(
     fig, axes = plt.subplots(1, len(cfg.lags), figsize=(4.2 * len(cfg.lags), 3.6), sharey=True, squeeze=False)
     colours = {o: f"C{i}" for i, o in enumerate(cfg.objectives)}
     for metric, style in metrics:
-        series = _series(cfg, out, metric)
+        series = _series(cfg, out, metric, picks)
         for ax, k in zip(axes[0], cfg.lags, strict=True):
             for objective in cfg.objectives:
                 x, y = series[(objective, k)]
                 if window > 1 and len(y) >= window:
                     y, x = smooth(list(y), window), x[window - 1 :]
-                label = objective if style == "-" else None
+                lr = picks.get((objective, k), cfg.lrs[0])
+                label = f"{objective} (lr {lr:g})" if style == "-" else None
                 ax.plot(x, y, style, color=colours[objective], label=label, linewidth=1.4)
             ax.set_title(f"staleness k = {k}")
             ax.set_xlabel("optimiser step")
             ax.grid(alpha=0.3)
+            ax.legend(fontsize=6)
     axes[0][0].set_ylabel(ylabel)
-    axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def write_plots(cfg: StudyConfig, out: Path) -> list[Path]:
+def lr_plot(cfg: StudyConfig, table: list[dict], path: Path) -> None:
+    """Final test accuracy against lr, one panel per k: how sensitive each objective is to its step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(cfg.lags), figsize=(4.2 * len(cfg.lags), 3.6), sharey=True, squeeze=False)
+    for ax, k in zip(axes[0], cfg.lags, strict=True):
+        for i, objective in enumerate(cfg.objectives):
+            rows = [r for r in table if (r["objective"], r["k"]) == (objective, k)]
+            lrs, finals = [r["lr"] for r in rows], [r["final_mean"] for r in rows]
+            ax.plot(lrs, finals, "o-", color=f"C{i}", label=objective)
+        ax.set_xscale("log")
+        ax.set_title(f"staleness k = {k}")
+        ax.set_xlabel("learning rate")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("final held-out accuracy (mean over seeds)")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_plots(cfg: StudyConfig, out: Path, table: list[dict], picks: Picks) -> list[Path]:
+    """`picks` chooses each line's lr; without one (no validation set) the base lr, else the first."""
+    fallback = cfg.base.optim.lr if cfg.base.optim.lr in cfg.lrs else cfg.lrs[0]
+    picks = {(o, k): picks.get((o, k), fallback) for o in cfg.objectives for k in cfg.lags}
     plots = [
         ([("test_accuracy", "-")], "held-out accuracy (sampled pass@1)", "accuracy.png", 1),
         ([("reward", "-")], "training reward (10-step mean)", "reward.png", 10),
         ([("nll_ratio", "-")], "NLL+ / NLL- (10-step mean)", "nll_ratio.png", 10),
+        ([("grad_norm", "-")], "gradient norm before clipping (10-step mean)", "grad_norm.png", 10),
         (
             [("loss_pos", "-"), ("loss_neg", "--")],
             "loss split: positive (solid), negative (dashed)",
@@ -80,6 +122,9 @@ def write_plots(cfg: StudyConfig, out: Path) -> list[Path]:
     ]
     paths = []
     for metrics, ylabel, name, window in plots:
-        _panels(cfg, out, metrics, ylabel, out / name, window)
+        _panels(cfg, out, metrics, ylabel, out / name, window, picks)
         paths.append(out / name)
+    if len(cfg.lrs) > 1:
+        lr_plot(cfg, table, out / "lr.png")
+        paths.append(out / "lr.png")
     return paths

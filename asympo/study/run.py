@@ -8,16 +8,17 @@ from asympo.config import StudyConfig
 from asympo.metrics import console
 from asympo.study.grid import run_grid
 from asympo.study.plots import write_plots
-from asympo.study.report import write_report
+from asympo.study.report import chosen_lrs, summarise, write_report
 
 
 def run_study(cfg: StudyConfig) -> dict:
     out = run_grid(cfg)
-    table = write_report(cfg, out)
-    plots = write_plots(cfg, out)
+    tuned = write_report(cfg, out)
+    _, table = summarise(cfg, out)
+    plots = write_plots(cfg, out, table, chosen_lrs(table))
     console.print(Markdown((out / "results.md").read_text()))
     console.print(
         f"study: table in {out / 'results.md'} and {out / 'results.csv'}; "
         f"plots: {', '.join(p.name for p in plots)}"
     )
-    return {"out": str(out), "rows": table}
+    return {"out": str(out), "rows": tuned}
