@@ -13,7 +13,7 @@ import os
 import random
 import re
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -96,8 +96,11 @@ def save_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     history: Sequence[tuple[int, dict[str, torch.Tensor]]] = (),
     keep: int = 2,
+    shards: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Write a complete checkpoint for `state.step`, point `latest` at it, then prune old ones."""
+    """Write a complete checkpoint for `state.step`, point `latest` at it, then prune old ones. With
+    `shards` (the data-parallel learner) the model and optimiser are written by every rank into `shards/`
+    instead of model.safetensors and the optimizer's tensors."""
     versions = [v for v, _ in history]
     if keep < 1 or len(set(versions)) != len(versions):
         raise ValueError(f"need keep >= 1 and distinct history versions, got keep={keep}, {versions}")
@@ -110,7 +113,7 @@ def save_checkpoint(
     np_state = np.random.get_state()
     meta = {
         "train": asdict(state),
-        "optimizer": _flatten(optimizer.state_dict(), "", extra),
+        "optimizer": None if shards else _flatten(optimizer.state_dict(), "", extra),
         "scheduler": _flatten(scheduler.state_dict(), "scheduler", extra),
         "python_rng": random.getstate(),
         "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]],
@@ -119,7 +122,11 @@ def save_checkpoint(
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng |= {f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
-    files = {"model.safetensors": _copies(model.state_dict()), "optimizer.safetensors": extra}
+    if shards is not None:
+        shards(tmp / "shards")
+        meta |= {"shards": True, "processes": torch.distributed.get_world_size()}
+    files = {} if shards else {"model.safetensors": _copies(_trained(model)[0])}
+    files["optimizer.safetensors"] = extra
     files |= {"rng.safetensors": rng} | {f"history-{v}.safetensors": _copies(sd) for v, sd in history}
     for name, tensors in files.items():
         save_file(tensors, tmp / name)
@@ -175,9 +182,20 @@ def _corrupt(folder: Path, what: str) -> Iterator[None]:
         raise UserError(f"checkpoint {folder} is corrupt: {what}: {reason}") from None
 
 
-def _check_shapes(weights: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def _trained(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """What model.safetensors holds and what the history's published weights are named after: the whole
+    state dict for both, or under LoRA the adapters (the base is frozen: it reloads from the model setting)
+    and the plain names of the merged weights."""
+    if hasattr(model, "peft_config"):
+        from asympo.lora import plain_state
+
+        return {k: p for k, p in model.named_parameters() if p.requires_grad}, plain_state(model)
+    state = model.state_dict()
+    return state, state
+
+
+def _check_shapes(weights: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Compare names and shapes before touching the model, so a mismatch leaves it as it was."""
-    want = model.state_dict()
     optional = tied_aliases(want)  # published weights (the lag history) leave the tied alias out
     if not (want.keys() - optional) <= weights.keys() <= want.keys():
         missing = sorted(want.keys() - optional - weights.keys())
@@ -194,8 +212,10 @@ def load_checkpoint(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
+    shards: Callable[[Path], None] | None = None,
 ) -> tuple[TrainState, History] | None:
-    """Restore what `save_checkpoint` wrote (model, optimiser, scheduler, RNGs); None if there is none yet."""
+    """Restore what `save_checkpoint` wrote (model, optimiser, scheduler, RNGs); None if there is none yet.
+    A checkpoint of the data-parallel learner needs `shards` (every rank reads its own)."""
     folder = latest_checkpoint(root)
     if folder is None:
         return None
@@ -204,16 +224,26 @@ def load_checkpoint(
     with _corrupt(folder, "state.json"):
         meta = json.loads((folder / "state.json").read_text())
         state = TrainState(**meta["train"])
-        names = ["model", "optimizer", "rng"] + [f"history-{v}" for v in meta["history"]]
+        sharded = bool(meta.get("shards"))
+        names = ["optimizer", "rng"] + [f"history-{v}" for v in meta["history"]]
+        names = names if sharded else ["model", *names]
+    if sharded != (shards is not None):
+        written = f"by {meta.get('processes')} learner processes" if sharded else "by one learner process"
+        raise UserError(f"checkpoint {folder} was written {written}: resume with the same learner.processes")
     tensors: dict[str, dict[str, torch.Tensor]] = {}
+    trained, published = _trained(model)
     for name in names:
         with _corrupt(folder, f"{name}.safetensors"):
             tensors[name] = load_file(folder / f"{name}.safetensors")
             if name == "model" or name.startswith("history-"):
-                _check_shapes(tensors[name], model)
+                _check_shapes(tensors[name], trained if name == "model" else published)
+    if shards is not None:
+        with _corrupt(folder, "shards"):
+            shards(folder / "shards")
     with _corrupt(folder, "state.json"):
-        model.load_state_dict(tensors["model"])
-        optimizer.load_state_dict(_unflatten(meta["optimizer"], tensors["optimizer"]))
+        if shards is None:
+            model.load_state_dict(tensors["model"], strict=trained is published)  # LoRA: the adapters only
+            optimizer.load_state_dict(_unflatten(meta["optimizer"], tensors["optimizer"]))
         scheduler.load_state_dict(_unflatten(meta["scheduler"], tensors["optimizer"]))
         torch.set_rng_state(tensors["rng"]["torch"])
         cuda = [tensors["rng"][f"cuda.{i}"] for i in range(len(tensors["rng"]) - 1)]

@@ -40,9 +40,14 @@ def run(args: argparse.Namespace) -> None:
 
     hf_logging.disable_progress_bar()
     if args.command == "train":
+        from asympo.distributed.group import world_size
         from asympo.train import train
 
-        train(build_config(TrainConfig, args.config, args.overrides))
+        cfg = build_config(TrainConfig, args.config, args.overrides)
+        if cfg.learner.processes > 1 and world_size() == 1:
+            launch_ranks(cfg, args)
+        else:
+            train(cfg)
     elif args.command == "sft":
         from asympo.sft import run_sft
 
@@ -64,6 +69,22 @@ def run(args: argparse.Namespace) -> None:
         from asympo.bench import BenchConfig, run_bench
 
         run_bench(build_config(BenchConfig, args.config, args.overrides))
+
+
+def launch_ranks(cfg, args: argparse.Namespace) -> None:
+    """`learner.processes=N`: the same command as N ranks under torchrun; a failed rank ends the run."""
+    from asympo.distributed.group import launch
+    from asympo.distributed.run import check_supported
+    from asympo.faults import RunAborted
+
+    check_supported(cfg)
+    argv = ["train", *(["--config", args.config] if args.config else []), *args.overrides]
+    status = launch(cfg.learner.processes, argv)
+    if status:
+        raise RunAborted(
+            f"a learner rank failed (torchrun exit status {status}); checkpoints already written in "
+            f"{cfg.out}/checkpoints are intact: continue with resume=true"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,12 +52,39 @@ class OpenAIEngineConfig(Strict):
     weight_sync: Literal["serve", "none"] = "serve"  # serve: push weights to asympo serve's reload endpoint
 
 
+class VLLMEngineConfig(Strict):
+    """`rollout.engine=vllm`: vLLM in its own engine process (asympo.rollout.vllm; the `vllm` extra)."""
+
+    kv_cache_gib: float | None = Field(None, gt=0)  # None: 1 GiB on a CPU build, vLLM's default on a GPU
+    enforce_eager: bool = True  # skip torch.compile at start-up (20-40 s on a CPU); false: compiled graphs
+    max_model_len: int | None = Field(None, ge=1)  # None: the model's own context length
+
+
 class RolloutConfig(SamplingConfig):
     prompts_per_step: int = Field(32, ge=1)
     group_size: int = Field(8, ge=2)
     max_batch: int = Field(256, ge=1)  # sequences decoded at once; waiting prompts fill freed slots
-    engine: Literal["hf", "openai", "vllm"] = "hf"  # hf: in-process transformers; vllm needs a GPU
+    engine: Literal["hf", "openai", "vllm"] = "hf"  # hf: in-process transformers; vllm: vLLM (CPU or GPU)
     openai: OpenAIEngineConfig = OpenAIEngineConfig()
+    vllm: VLLMEngineConfig = VLLMEngineConfig()
+    # DAPO's dynamic sampling: drop groups whose (shaped) rewards are all equal and refill from more rollouts
+    dynamic_sampling: bool = False
+    dynamic_sampling_max_rounds: int = Field(3, ge=1)  # next_batch calls one step may make
+    # DAPO's overlong reward shaping: a linear penalty over the last `overlong_buffer` tokens before the cap
+    overlong_buffer: int = Field(0, ge=0)  # L_cache; 0: off
+    overlong_penalty: float = Field(1.0, ge=0)  # the penalty at the cap
+    overlong_filter: bool = False  # DAPO's overlong filtering: truncated responses get no gradient
+
+    @field_validator("overlong_buffer")
+    @classmethod
+    def _buffer_below_cap(cls, value: int, info) -> int:
+        cap = info.data.get("max_new_tokens")
+        if value and cap is not None and value >= cap:
+            raise ValueError(
+                f"rollout.overlong_buffer ({value}) must be below rollout.max_new_tokens ({cap}): the "
+                "penalty ramps over the last overlong_buffer tokens before the cap"
+            )
+        return value
 
     @field_validator("temperature")
     @classmethod
@@ -123,6 +150,24 @@ class BehaviourConfig(Strict):
     compare: bool = False  # learner: the engine also returns log-probs, and their difference is logged
 
 
+class LoraConfig(Strict):
+    """LoRA through peft (the `lora` extra): the learner trains low-rank adapters on a frozen base; engines
+    get merged weights (Ray actors: the adapters). verl's and TRL's lora_rank / lora_alpha."""
+
+    rank: int = Field(0, ge=0)  # 0: off (full fine-tuning)
+    alpha: float = Field(16.0, gt=0)  # the update is scaled by alpha / rank
+    dropout: float = Field(0.0, ge=0, lt=1)  # on the adapters' input, in training only
+    target_modules: list[str] | str = "all-linear"  # peft's: module names, a regex, or every linear layer
+
+
+class LearnerConfig(Strict):
+    """The learner's processes: above 1, a data-parallel learner sharded with FSDP2 (asympo.distributed)."""
+
+    # ranks of the learner; `asympo train` starts them with torchrun (gloo on CPUs, NCCL on GPUs). Under a
+    # torchrun you launch yourself, leave it at 1 (the launcher's world size is used) or give the same N
+    processes: int = Field(1, ge=1)
+
+
 class TrainConfig(Placed):
     model: str = "tiny"  # tiny, tiny-random, smollm2, a model folder, a .gguf file or a hub id
     task: TaskConfig = TaskConfig()
@@ -132,6 +177,8 @@ class TrainConfig(Placed):
     optim: OptimConfig = OptimConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     behaviour: BehaviourConfig = BehaviourConfig()
+    lora: LoraConfig = LoraConfig()
+    learner: LearnerConfig = LearnerConfig()
     faults: FaultsConfig = FaultsConfig()
     reward: str = "exact"  # exact, math, math-lenient, math-format, or "package.module:function"
     steps: int = Field(200, ge=0)

@@ -9,22 +9,29 @@ import torch
 from transformers import PreTrainedModel
 
 from asympo.batch import TrainBatch, micro_batches
-from asympo.config import OptimConfig
-from asympo.logprobs import token_logprobs
-from asympo.models.device import CPU_FP32, Placement
+from asympo.config import LoraConfig, OptimConfig
+from asympo.logprobs import token_logprobs, token_logprobs_entropy
+from asympo.models.device import CPU_FP32, Placement, engine_copy
 from asympo.models.tying import tied_aliases
 from asympo.objectives import compute_loss, get_objective
 from asympo.objectives.common import LossInputs, ObjectiveConfig, masked
 
-SUMMED = ("loss", "loss_pos", "loss_neg")  # contributions are normalised over the whole batch: they add up
+# normalised over the whole batch (responses or tokens), so micro-batches' values add up
+SUMMED = ("loss", "loss_pos", "loss_neg", "kl_ref", "entropy")
+
+
+def sign_split(name: str, values: torch.Tensor, advantages: torch.Tensor) -> dict[str, float]:
+    """Mean of a per-response value over positive- and over negative-advantage responses (absent if none)."""
+    out = {}
+    for suffix, rows in (("pos", advantages > 0), ("neg", advantages < 0)):
+        if rows.any():
+            out[f"{name}_{suffix}"] = values[rows].float().mean().item()
+    return out
 
 
 def nll_split(nll: torch.Tensor, advantages: torch.Tensor) -> dict[str, float]:
     """Mean NLL of positive- and negative-advantage responses: the signature of the staleness failure."""
-    out = {}
-    for name, rows in (("nll_pos", advantages > 0), ("nll_neg", advantages < 0)):
-        if rows.any():
-            out[name] = nll[rows].mean().item()
+    out = sign_split("nll", nll, advantages)
     if "nll_pos" in out and out.get("nll_neg", 0) > 0:
         out["nll_ratio"] = out["nll_pos"] / out["nll_neg"]
     return out
@@ -43,17 +50,23 @@ def adamw(model: PreTrainedModel, optim: OptimConfig) -> torch.optim.AdamW:
     """The fused AdamW where this torch has it: one pass over each parameter instead of several (on this
     CPU, 0.09 s instead of 0.28 s per step for SmolLM2's 135M parameters)."""
     kwargs = dict(lr=optim.lr, betas=(optim.beta1, optim.beta2), weight_decay=optim.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters; the base gets no state
     try:
-        return torch.optim.AdamW(model.parameters(), fused=True, **kwargs)
+        return torch.optim.AdamW(params, fused=True, **kwargs)
     except (RuntimeError, TypeError):  # an older torch, or parameters on a device without the fused kernel
-        return torch.optim.AdamW(model.parameters(), **kwargs)
+        return torch.optim.AdamW(params, **kwargs)
 
 
 def publishable_weights(model: torch.nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """A detached CPU copy to publish to rollout engines, in the engines' dtype (`dtype`: bf16 halves what
     each version costs to copy, keep and send). A tied alias (`lm_head.weight` sharing the embedding) is
     left out, as `save_pretrained` does: engines load it through their own tie, and each published version
-    is one embedding smaller (113 MB for SmolLM2 in float32)."""
+    is one embedding smaller (113 MB for SmolLM2 in float32). A model with LoRA adapters gives its merged
+    weights under the plain names (asympo.lora.merged_weights), so every engine loads it as before."""
+    if hasattr(model, "peft_config"):
+        from asympo.lora import merged_weights
+
+        return merged_weights(model, dtype)
     state = model.state_dict()
     aliases = tied_aliases(state)
     # cast where the tensor lives, then copy: a GPU sends bf16 over the bus, not float32 to convert here
@@ -78,42 +91,79 @@ class Learner:
         temperature: float = 1.0,
         max_len: int | None = None,
         placement: Placement = CPU_FP32,
+        lora: LoraConfig | None = None,
     ):
         self.placement = placement
-        self.model = model.to(placement.device).train()
+        self.peft = None  # lora.rank > 0: the PeftModel; its adapters are injected into `model` itself
+        if lora is not None and lora.rank > 0:
+            from asympo.lora import apply_lora
+
+            self.peft = apply_lora(model, lora)
+        model = model.to(placement.device).train()
         self.objective = objective
         self.spec = get_objective(objective.name)
         self.optim_cfg = optim
         self.temperature = temperature
         self.max_len = max_len
-        self.optimizer = adamw(model, optim)
+        # the frozen reference of objective.kl_coef: the initial weights (a resume restores the policy after
+        # this copy), in the engines' dtype since it only runs forward; none, and no extra forward, at 0
+        self.reference = engine_copy(model, placement).eval() if objective.kl_coef > 0 else None
+        self.track_entropy = True  # token entropy, logged every step (asympo bench measures it off)
+        if optim.gradient_checkpointing:
+            enable_checkpointing(model)
+        self.model = self.shard(model)
+        self.optimizer = adamw(self.model, optim)
         warmup = max(optim.warmup_steps, 1)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda n: min(1.0, (n + 1) / warmup)
         )
         self.version = 0
         self.skipped_steps = 0
-        if optim.gradient_checkpointing:
-            enable_checkpointing(model)
+
+    def shard(self, model: PreTrainedModel) -> PreTrainedModel:
+        """Where a data-parallel learner splits the model across ranks (asympo.distributed); here, as is."""
+        return model
+
+    def plan(self, batch: TrainBatch) -> list[tuple[TrainBatch, float]]:
+        """This process's micro-batches and their loss scales (a rank may add 0-scaled padding ones)."""
+        return [(mb, 1.0) for mb in micro_batches(batch, self.optim_cfg.micro_batch_size)]
+
+    def combine(self, metrics: dict[str, float], rows: dict[str, list]) -> tuple[dict[str, float], dict]:
+        """Sum metrics and join per-response values across ranks; one process has nothing to add."""
+        return metrics, {k: torch.cat(v) if v else None for k, v in rows.items()}
+
+    def clip_gradients(self) -> float:
+        """The global gradient norm before clipping, as a float."""
+        return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim_cfg.grad_clip))
 
     def weights(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """For engines, in the placement's dtype by default; `torch.float32` gives the master weights."""
         return publishable_weights(self.model, dtype or self.placement.dtype)
+
+    def adapters(self) -> dict[str, torch.Tensor]:
+        """Under LoRA, the adapter tensors alone (float32 CPU copies): what Ray actors receive."""
+        from asympo.lora import adapter_weights
+
+        return adapter_weights(self.model)
 
     def step(self, batch: TrainBatch) -> dict[str, float]:
         start = time.perf_counter()
         self.model.train()  # evaluation may have switched it to eval mode, which turns off checkpointing
         total_responses, total_tokens = len(batch), int(batch.response_mask.sum())
         metrics: dict[str, float] = {}
-        nll, adv = [], []
+        rows: dict[str, list[torch.Tensor]] = {"nll": [], "adv": [], "entropy": [], "length": []}
         self.optimizer.zero_grad(set_to_none=True)
-        for mb in micro_batches(batch, self.optim_cfg.micro_batch_size):
+        for mb, scale in self.plan(batch):
             mb = mb.to(self.placement.device)
             proximal = None
             if self.spec.needs_proximal:  # AReaL's proximal policy: these weights, before this step's update
                 with torch.no_grad():
                     proximal = self.logprobs(mb)
-            logprobs = self.logprobs(mb)
+            logprobs, entropy = self.score(mb)
+            reference = None
+            if self.reference is not None:
+                with torch.no_grad():
+                    reference = self.logprobs(mb, self.reference)
             loss, mb_metrics = compute_loss(
                 LossInputs(
                     logprobs=logprobs,
@@ -122,25 +172,34 @@ class Learner:
                     group_ids=mb.group_ids,
                     behaviour_logprobs=mb.behaviour_logprobs,  # current-policy objectives only log the KL
                     proximal_logprobs=proximal,
+                    reference_logprobs=reference,
                     total_responses=total_responses,
                     total_tokens=total_tokens,
                     max_len=self.max_len,
                 ),
                 self.objective,
             )
-            loss.backward()
+            if loss.requires_grad:  # not when every response of the micro-batch left the loss mask
+                (loss * scale if scale != 1.0 else loss).backward()  # (rollout.overlong_filter)
+            if not scale:  # a rank's padding: it only keeps the collectives in step
+                continue
+            length = mb.response_mask.sum(-1)
+            rows["length"].append(length)
+            if entropy is not None:
+                mb_metrics["entropy"] = float(masked(entropy, mb.response_mask).sum()) / max(total_tokens, 1)
+                rows["entropy"].append(masked(entropy, mb.response_mask).sum(-1) / length.clamp(min=1))
             weight = len(mb) / total_responses
             for key, value in mb_metrics.items():
                 metrics[key] = metrics.get(key, 0.0) + (value if key in SUMMED else value * weight)
-            nll.append(
-                -masked(logprobs.detach(), mb.response_mask).sum(-1) / mb.response_mask.sum(-1).clamp(min=1)
-            )
-            adv.append(mb.advantages)
-        metrics |= nll_split(
-            torch.cat(nll), torch.cat(adv)
-        )  # exact over the batch, not averaged per micro-batch
+            rows["nll"].append(-masked(logprobs.detach(), mb.response_mask).sum(-1) / length.clamp(min=1))
+            rows["adv"].append(mb.advantages)
+        metrics, joined = self.combine(metrics, rows)
+        adv = joined["adv"]  # the splits are exact over the batch, not averaged per micro-batch
+        metrics |= nll_split(joined["nll"], adv) | sign_split("length", joined["length"], adv)
+        if joined["entropy"] is not None:  # a collapsing policy loses entropy on both sides; a drifting one
+            metrics |= sign_split("entropy", joined["entropy"], adv)  # mostly on one
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim_cfg.grad_clip))
+        grad_norm = self.clip_gradients()
         if math.isfinite(grad_norm) and math.isfinite(metrics.get("loss", 0.0)):
             self.optimizer.step()
             self.scheduler.step()
@@ -153,9 +212,18 @@ class Learner:
         )
         return metrics
 
-    def logprobs(self, mb: TrainBatch) -> torch.Tensor:
-        """Float32 log-probs of the response tokens, computed in the placement's precision."""
+    def logprobs(self, mb: TrainBatch, model: torch.nn.Module | None = None) -> torch.Tensor:
+        """Float32 log-probs of the response tokens (the policy's, or `model`'s), in the placement's dtype."""
         with self.placement.autocast():
             return token_logprobs(
+                model or self.model, mb.input_ids, mb.attention_mask, self.temperature, mb.response_mask
+            )
+
+    def score(self, mb: TrainBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The policy's log-probs and, when tracked, its token entropy from the same output-head chunks."""
+        if not self.track_entropy:
+            return self.logprobs(mb), None
+        with self.placement.autocast():
+            return token_logprobs_entropy(
                 self.model, mb.input_ids, mb.attention_mask, self.temperature, mb.response_mask
             )

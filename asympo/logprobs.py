@@ -5,7 +5,8 @@ their float copy, log_softmax, and the same again in backward): for SmolLM2 (V =
 about 200 MB each. Here the decoder's hidden states go through the output head a chunk of positions at a
 time, and only the positions asked for (the response tokens) are scored. Small batches keep their softmax for
 the backward (at most KEEP_ELEMENTS floats); bigger ones recompute each chunk's logits in the backward, so at
-most one chunk's logits exist at any moment (see HeadLogprobs).
+most one chunk's logits exist at any moment (see HeadLogprobs). The policy's token entropy comes out of the
+same chunks (`token_logprobs_entropy`), so the learner logs it every step without a second pass.
 """
 
 from __future__ import annotations
@@ -31,30 +32,50 @@ class HeadLogprobs(torch.autograd.Function):
     softmax in float32. The weight is cast once per call, not per chunk: on a CPU each cast of SmolLM2's
     49k x 576 head cost ~90 ms inside a step, nine of them a third of a bf16 step. With `keep` the weight's
     gradient is one matmul over every chunk (rounded once, like any other layer's); without, each chunk's
-    part is added into a float32 sum."""
+    part is added into a float32 sum.
+
+    With `entropy` it also returns each position's entropy H = log Z - sum(e s) / Z, where s = z - max z and
+    e = exp(s), Z = sum e: one more chunk-sized buffer (e beside s) and a dot product per position. The
+    entropy is a diagnostic: it carries no gradient."""
 
     @staticmethod
     def forward(
-        ctx, hidden, weight, targets, temperature: float, keep: bool, compute: torch.dtype, step: int
+        ctx,
+        hidden,
+        weight,
+        targets,
+        temperature: float,
+        keep: bool,
+        compute: torch.dtype,
+        step: int,
+        entropy: bool = False,
     ):
         h, w = hidden.to(compute), weight.to(compute)
-        out, lse, kept = [], [], []
+        out, lse, kept, entropies = [], [], [], []
         for start in range(0, h.shape[0], step):
             logits = _scaled((h[start : start + step] @ w.T).float(), temperature)
             picked = logits.gather(-1, targets[start : start + step, None])[:, 0]
             peak = logits.amax(-1)
-            total = logits.sub_(peak[:, None]).exp_().sum(-1)  # logits now hold exp(z - peak)
+            shifted = logits.sub_(peak[:, None])
+            exp = shifted.exp() if entropy else shifted.exp_()  # in place unless s is still needed
+            total = exp.sum(-1)
             lse.append(total.log().add_(peak))
             out.append(picked - lse[-1])
+            if entropy:
+                dot = torch.bmm(exp[:, None, :], shifted[:, :, None]).view(-1)
+                entropies.append(total.log() - dot / total)
             if keep:
-                kept.append(logits.div_(total[:, None]))
+                kept.append(exp.div_(total[:, None]))
         ctx.save_for_backward(h, w, targets, torch.cat(lse), *kept)
         ctx.temperature, ctx.step = temperature, step
         ctx.dtypes = (hidden.dtype, weight.dtype)
-        return torch.cat(out)
+        scored = torch.cat(out)
+        ent = torch.cat(entropies) if entropy else scored.new_zeros(0)
+        ctx.mark_non_differentiable(ent)
+        return scored, ent
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx, grad: torch.Tensor, _grad_entropy: torch.Tensor | None = None):
         h, w, targets, lse, *kept = ctx.saved_tensors
         step, temperature = ctx.step, ctx.temperature
         hidden_dtype, weight_dtype = ctx.dtypes
@@ -88,7 +109,7 @@ class HeadLogprobs(torch.autograd.Function):
             d_w = whole.T @ h if need_w else None
         d_hidden = torch.cat(d_h).to(hidden_dtype) if need_h else None
         d_weight = d_w.to(weight_dtype) if need_w else None
-        return d_hidden, d_weight, None, None, None, None, None
+        return d_hidden, d_weight, None, None, None, None, None, None
 
 
 def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -126,6 +147,32 @@ def token_logprobs(
 ) -> torch.Tensor:
     """log pi(token t+1 | tokens <= t): [B, L-1]. With `positions` (bool [B, L-1]) only those are scored;
     the others are 0."""
+    return score_tokens(model, input_ids, attention_mask, temperature, positions, entropy=False)[0]
+
+
+def token_logprobs_entropy(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    temperature: float = 1.0,
+    positions: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """As token_logprobs, plus the entropy (nats, no gradient) of the tempered next-token distribution at
+    each scored position: [B, L-1] each, 0 where not scored."""
+    logprobs, entropy = score_tokens(model, input_ids, attention_mask, temperature, positions, entropy=True)
+    assert entropy is not None
+    return logprobs, entropy
+
+
+def score_tokens(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    temperature: float,
+    positions: torch.Tensor | None,
+    entropy: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs and (with `entropy`) entropies of the scored positions; the one pass behind both."""
     targets = input_ids[:, 1:]
     if not splits_head(model):
         logits = (
@@ -133,7 +180,13 @@ def token_logprobs(
         )
         if temperature not in (0.0, 1.0):
             logits = logits / temperature
-        return torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
+        logp = torch.log_softmax(logits, -1)
+        scored = logp.gather(-1, targets[..., None])[..., 0]
+        ent = -(logp.detach().exp() * logp.detach()).sum(-1) if entropy else None
+        if positions is not None:
+            scored = scored.masked_fill(~positions, 0.0)
+            ent = ent.masked_fill(~positions, 0.0) if ent is not None else None
+        return scored, ent
     decoder = model.get_decoder()
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     hidden = hidden[:, :-1]
@@ -144,9 +197,12 @@ def token_logprobs(
     step = max(1, CHUNK_ELEMENTS // weight.shape[0])
     keep = torch.is_grad_enabled() and picked.shape[0] * weight.shape[0] <= KEEP_ELEMENTS
     out = hidden.new_zeros(targets.shape, dtype=torch.float32)
+    ent_out = out.clone() if entropy else None
     if not picked.shape[0]:
-        return out
-    scored = HeadLogprobs.apply(
-        picked, weight, picked_targets, temperature, keep, compute_dtype(weight), step
+        return out, ent_out
+    scored, ent = HeadLogprobs.apply(
+        picked, weight, picked_targets, temperature, keep, compute_dtype(weight), step, entropy
     )
-    return out.masked_scatter(positions, scored)
+    if ent_out is not None:
+        ent_out = ent_out.masked_scatter(positions, ent)
+    return out.masked_scatter(positions, scored), ent_out

@@ -34,7 +34,7 @@ def rollout_metrics(samples: list[Sample], learner_version: int) -> dict[str, fl
     lengths = [len(s.response_ids) for s in samples]
     return {
         "reward": sum(s.reward for s in samples) / n,
-        "accuracy": sum(s.reward >= 1.0 for s in samples) / n,
+        "accuracy": sum(s.extra.get("task_reward", s.reward) >= 1.0 for s in samples) / n,  # before shaping
         "response_len": sum(lengths) / n,
         "response_len_max": max(lengths),
         "truncated_frac": sum(s.finish_reason == "length" for s in samples) / n,

@@ -14,23 +14,33 @@ from asympo.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from asympo.config import TrainConfig
 from asympo.data.prompts import Prompter
 from asympo.data.source import Task
+from asympo.distributed.group import world_size
 from asympo.errors import UserError
 from asympo.evaluate import held_out_accuracy
 from asympo.faults import Interrupted, RunAborted, SkipGuard, StopSignal, StopWaiting
 from asympo.io import atomic_write_text, ensure_writable_dir, save_model_atomic
 from asympo.learner import Learner
+from asympo.lora import plain_copy
 from asympo.metrics import MetricsLog, WandbSettings, console, progress_bar, rollout_metrics, summary_table
 from asympo.models.device import engine_copy, resolve
 from asympo.models.load import load_policy
+from asympo.models.tying import tied_aliases
 from asympo.objectives import advantage_method
 from asympo.recompute import BehaviourRecompute
 from asympo.rewards.guard import RewardGuard
+from asympo.rewards.shaping import filter_truncated
 from asympo.rollout.hf import HFEngine
 from asympo.runtime import LagRuntime, build_runtime
+from asympo.runtime.dynamic import step_batch
 from asympo.snapshots import SnapshotStore
 
 
 def train(cfg: TrainConfig, quiet: bool = False) -> dict:
+    """Under torchrun (WORLD_SIZE > 1), this process's rank of a data-parallel run (asympo.distributed)."""
+    if world_size() > 1:
+        from asympo.distributed.run import train_ranks
+
+        return train_ranks(cfg, quiet)
     return Trainer(cfg, quiet).run()
 
 
@@ -42,12 +52,31 @@ class Trainer:
         self.say = (lambda *_: None) if quiet else console.print
         torch.manual_seed(cfg.seed)
         self.model, self.tokenizer = load_policy(cfg.model)
-        self.placement = resolve(cfg.device, cfg.precision, self.model)
+        self.sharded = world_size() > 1  # rank 0 of a data-parallel learner (asympo.distributed)
+        if self.sharded:
+            from asympo.distributed.learner import ShardedLearner
+            from asympo.distributed.run import agreed_placement
+
+            self.placement = agreed_placement(cfg, self.model)
+            # the learner's model is split across ranks: engines, evaluation and final/ use a whole copy
+            self.plain = copy.deepcopy(self.model)
+            learner_class = ShardedLearner
+        else:
+            self.placement = resolve(cfg.device, cfg.precision, self.model)
+            self.plain, learner_class = self.model, Learner
         temperature = cfg.rollout.temperature or 1.0
-        self.learner = Learner(
-            self.model, cfg.objective, cfg.optim, temperature, cfg.rollout.max_new_tokens, self.placement
+        self.learner = learner_class(
+            self.model,
+            cfg.objective,
+            cfg.optim,
+            temperature,
+            cfg.rollout.max_new_tokens,
+            self.placement,
+            lora=cfg.lora,
         )
         self.state, history, self.resumed = self.restore()
+        if self.sharded and self.resumed:  # the whole copy takes the restored weights before engines copy it
+            load_plain(self.plain, self.learner.weights(torch.float32))
         atomic_write_text(self.out / "config.json", cfg.model_dump_json(indent=2))
         self.task = Task(cfg.task, Prompter(cfg.prompt, self.tokenizer))  # bad data fails before any
         self.held_out = self.task.held_out()  # process starts
@@ -58,7 +87,7 @@ class Trainer:
         problems = self.task.train(cfg.seed, start=self.state.cursor)
         self.runtime = build_runtime(
             cfg,
-            self.model,
+            self.plain,
             self.tokenizer,
             self.learner.version,
             problems,
@@ -69,7 +98,7 @@ class Trainer:
         self.recompute = None
         if cfg.behaviour.source == "learner":
             self.recompute = behaviour_recompute(
-                cfg, self.learner, self.tokenizer.pad_token_id, self.runtime.lag, self.out
+                cfg, self.learner, self.plain, self.tokenizer.pad_token_id, self.runtime.lag, self.out
             )
         for version, weights in history:  # the lag runtime's older versions, so it continues exactly
             self.publish(version, weights)
@@ -82,13 +111,16 @@ class Trainer:
 
     def make_eval_engine(self) -> HFEngine:
         """In float32 the evaluation engine shares the learner's weights. In bf16 it needs bf16 weights: the
-        sync/lag runtime's engine when there is one (it reloads its own version afterwards), else a copy."""
+        sync/lag runtime's engine when there is one (it reloads its own version afterwards), else a copy. A
+        sharded learner's model cannot generate alone: the whole copy evaluates, loading each version."""
         if not self.placement.bf16:
+            if self.sharded:
+                return HFEngine(self.plain, self.tokenizer, version=-1, max_batch=self.cfg.rollout.max_batch)
             return HFEngine(self.model, self.tokenizer, max_batch=self.cfg.rollout.max_batch)
         engine = getattr(self.runtime, "engine", None)
         if isinstance(engine, HFEngine):
             return engine
-        model = engine_copy(self.model, self.placement)
+        model = engine_copy(self.plain, self.placement)
         return HFEngine(model, self.tokenizer, version=-1, max_batch=self.cfg.rollout.max_batch)
 
     def restore(self) -> tuple[TrainState, list, bool]:
@@ -96,7 +128,9 @@ class Trainer:
         if not self.cfg.resume:
             return fresh, [], False
         learner = self.learner
-        loaded = load_checkpoint(self.out / "checkpoints", self.model, learner.optimizer, learner.scheduler)
+        shards = learner.load_shards if self.sharded else None
+        root = self.out / "checkpoints"
+        loaded = load_checkpoint(root, self.model, learner.optimizer, learner.scheduler, shards)
         if loaded is None:
             self.say("resume=true but no checkpoint yet: starting fresh")
             return fresh, [], False
@@ -108,7 +142,9 @@ class Trainer:
         return state, history, True
 
     def publish(self, version: int, weights: dict) -> None:
-        self.runtime.publish(version, weights)
+        # Ray actors under LoRA hold the base and take the adapters alone (the newest, as published here)
+        adapters_only = getattr(self.runtime, "adapters_only", False) and version == self.learner.version
+        self.runtime.publish(version, self.learner.adapters() if adapters_only else weights)
         if (
             self.recompute is not None
         ):  # the master weights (float32), so that an on-policy ratio is 1 in bf16
@@ -133,8 +169,9 @@ class Trainer:
         state.counters |= {"consecutive_skips": self.skips.consecutive}
         state.counters["runtime"] = dict(getattr(self.runtime, "counts", {}))
         kept = list(self.runtime.history) if isinstance(self.runtime, LagRuntime) else []
+        shards = learner.save_shards if self.sharded else None
         return save_checkpoint(
-            self.out / "checkpoints", state, self.model, learner.optimizer, learner.scheduler, kept
+            self.out / "checkpoints", state, self.model, learner.optimizer, learner.scheduler, kept, 2, shards
         )
 
     def run(self) -> dict:
@@ -160,6 +197,8 @@ class Trainer:
             return self.finish(before)
         finally:
             self.rewards.close()
+            if self.sharded:
+                self.learner.release()
 
     def loop(self) -> None:
         cfg, learner, done = self.cfg, self.learner, self.state.step  # done: where a checkpoint resumes
@@ -169,13 +208,15 @@ class Trainer:
                 self.runtime.stop_requested = lambda: stop.received is not None
                 for step in range(self.state.step, cfg.steps):
                     try:
-                        samples, rollout_stats = self.runtime.next_batch(step)
+                        samples, rollout_stats = step_batch(self.runtime, step, cfg.rollout)
                     except StopWaiting:
                         raise Interrupted(stop.received, done, self.checkpoint(done)) from None
                     if self.recompute is not None:
                         samples, recompute_stats = self.recompute.apply(samples)
                         rollout_stats |= recompute_stats
                     batch = make_batch(samples, self.tokenizer.pad_token_id, advantage_method(cfg.objective))
+                    if cfg.rollout.overlong_filter:  # truncated responses leave the loss, after advantages
+                        rollout_stats["truncated_filtered"] = filter_truncated(batch, samples)
                     stats = rollout_metrics(samples, learner.version) | rollout_stats | learner.step(batch)
                     self.publish(learner.version, learner.weights())
                     if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
@@ -201,7 +242,10 @@ class Trainer:
         self.log.log(self.cfg.steps, final)
         self.log.close()
         if self.cfg.save_model:
-            save_model_atomic(self.model, self.tokenizer, self.out / "final")
+            model = self.model if self.learner.peft is None else self.learner.peft  # LoRA: see asympo.lora
+            if self.sharded:  # final/ is consolidated: the whole copy with the last weights
+                model = load_plain(self.plain, self.learner.weights(torch.float32))
+            save_model_atomic(model, self.tokenizer, self.out / "final")
         result = {
             "accuracy_before": before["accuracy"],
             "accuracy_after": after["accuracy"],
@@ -231,12 +275,26 @@ def wandb_settings(cfg: TrainConfig) -> WandbSettings | None:
     return WandbSettings(cfg.wandb_project, cfg.wandb_run_name, cfg.wandb_mode, cfg.model_dump(mode="json"))
 
 
-def behaviour_recompute(cfg: TrainConfig, learner: Learner, pad_id: int, lag: int, out) -> BehaviourRecompute:
+def load_plain(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """Load published weights (the tied alias left out) into a whole model; any other gap is an error."""
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if set(missing) - set(tied_aliases(model.state_dict())) or unexpected:
+        raise RuntimeError(
+            f"weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    return model
+
+
+def behaviour_recompute(
+    cfg: TrainConfig, learner: Learner, model: torch.nn.Module, pad_id: int, lag: int, out
+) -> BehaviourRecompute:
     """Snapshots of the last lag + 1 versions: exactly the ones a trained sample can come from. They are
-    scored on the learner's device and in its precision, so a ratio compares like with like."""
+    scored on the learner's device and in its precision, so a ratio compares like with like. `model`: a
+    whole (unsharded) model to copy."""
     store = SnapshotStore(lag + 1, cfg.behaviour.snapshots, out / "snapshots")
     temperature = cfg.rollout.temperature or 1.0
-    return BehaviourRecompute(copy.deepcopy(learner.model), store, pad_id, temperature, learner.placement)
+    scratch = plain_copy(model)  # LoRA: the plain architecture, which loads merged weights
+    return BehaviourRecompute(scratch, store, pad_id, temperature, learner.placement)
 
 
 def summary(cfg: TrainConfig, result: dict, out: Path):

@@ -11,6 +11,7 @@ writes DIR/gpu_check.json and prints a table. Parts, each recorded on its own
   decode    asympo's engine against `model.generate` on the same bf16 model and prompts
   tiny      a 50-step async `asympo train` of the tiny model on the device: its accuracy must rise
   logprobs  how far bf16 log-probs (learner autocast, engine sampling) are from float32 on the CPU
+  fsdp      the data-parallel learner (FSDP2) as 1 rank under torchrun against one process's step
 `--small` shrinks every part to seconds (a small Qwen3 config), so `--device cpu --small` tests the script on
 a CPU. It fetches nothing: torch, transformers, numpy, safetensors, rich, pyyaml, pydantic and asympo suffice.
 """
@@ -233,6 +234,49 @@ def part_tiny(device: torch.device, sizes: Sizes, small: bool, out: Path) -> dic
     return record
 
 
+def part_fsdp(device: torch.device, out: Path) -> dict:
+    """The data-parallel learner on this one device: a 1-rank FSDP2 step of the tiny model under torchrun
+    (NCCL on a GPU, gloo on a CPU) against one process's step on the same device and batch, both float32.
+    The multi-GPU launch is documented in docs/distributed.md and not run here."""
+    from asympo.distributed.selfcheck import reference_inputs
+    from asympo.learner import Learner
+    from asympo.models.device import Placement
+    from asympo.models.load import load_policy
+    from asympo.objectives.common import ObjectiveConfig
+
+    saved = out / "fsdp-rank.pt"
+    saved.unlink(missing_ok=True)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
+    command = [*launcher, "-m", "asympo.distributed.selfcheck", str(saved), "asympo", "8", str(device)]
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    seconds = time.perf_counter() - start
+    (out / "fsdp.log").write_text(done.stdout + done.stderr)
+    if done.returncode:
+        raise RuntimeError(f"torchrun exited {done.returncode}: {done.stderr.strip()[-600:]}")
+    ranks = torch.load(saved)
+    model, tokenizer = load_policy("tiny")
+    batch, optim = reference_inputs(8, len(tokenizer))
+    learner = Learner(model, ObjectiveConfig(name="asympo"), optim, placement=Placement(device, "fp32"))
+    metrics = learner.step(batch)
+    weights = learner.weights(torch.float32)
+    diff = max(float((weights[k] - ranks["weights"][k]).abs().max()) for k in weights)
+    record = {
+        "loss": metrics["loss"],
+        "fsdp_loss": ranks["metrics"]["loss"],
+        "grad_norm": metrics["grad_norm"],
+    }
+    record |= {
+        "fsdp_grad_norm": ranks["metrics"]["grad_norm"],
+        "max_weight_diff": diff,
+        "torchrun_s": seconds,
+    }
+    relative = abs(record["fsdp_grad_norm"] - record["grad_norm"]) / max(record["grad_norm"], 1e-12)
+    if relative > 1e-4 or diff > 0.1 * optim.lr:
+        record["error"] = f"the FSDP step differs: grad norm {relative:.1e} relative, weights {diff:.1e}"
+    return record
+
+
 def part_logprobs(device: torch.device, sizes: Sizes) -> dict:
     """Sequences sampled by a bf16 engine on the device, scored (1) by token_logprobs in float32 on the CPU,
     the reference; (2) by token_logprobs under bf16 autocast on the device, as the learner scores; (3) by the
@@ -326,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         "decode": lambda: part_decode(device, sizes, args.small),
         "tiny": lambda: part_tiny(device, sizes, args.small, out),
         "logprobs": lambda: part_logprobs(device, sizes),
+        "fsdp": lambda: part_fsdp(device, out),
     }
     start = time.perf_counter()
     for name, work in parts.items():

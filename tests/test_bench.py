@@ -24,7 +24,7 @@ def test_quick_bench_runs_every_part_and_writes_its_table(tmp_path):
     result = json.loads((tmp_path / "bench.json").read_text())
     assert result["quick"] and result["model"] == "tiny"
     measures = [row["measure"] for row in result["table"]]
-    assert len(measures) == 8 and any("engine vs generate" in m for m in measures)
+    assert len(measures) == 9 and any("engine vs generate" in m for m in measures)
     assert any("bf16 vs float32" in m for m in measures) and "flags:" in result["device"]
     for precision in ("fp32", "bf16"):
         part = result["precision"]["learner"][precision]
@@ -32,6 +32,7 @@ def test_quick_bench_runs_every_part_and_writes_its_table(tmp_path):
     assert result["precision"]["decode"]["bf16"] > 0 and result["precision"]["decode"]["speedup"] > 0
     assert result["engine"]["engine"] > 0 and result["engine"]["generate"] > 0
     assert result["learner"]["asympo_s"] > 0 and result["learner"]["peak_gflops"] > 0
+    assert result["learner"]["no_entropy_s"] > 0 and result["learner"]["entropy_ratio"] > 0
     assert {"sync", "async"} <= set(result["runtime"]) and result["runtime"]["overlap_bound"] >= 1
     assert "asympo bench" in done.stderr and "target" in done.stderr
 

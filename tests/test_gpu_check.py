@@ -14,7 +14,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
-PARTS = ("learner", "memory", "learner_fp32", "decode", "tiny", "logprobs")
+PARTS = ("learner", "memory", "learner_fp32", "decode", "tiny", "logprobs", "fsdp")
 
 # bf16 keeps 8 significant bits, so each rounding moves a value by up to ~0.4%: logits of a few units move by
 # hundredths, and a response token's log-prob with them. Measured on this CPU (bf16 autocast and a bf16

@@ -229,15 +229,16 @@ def test_a_hanging_reward_times_out_gives_zero_and_the_run_completes(tmp_path, m
 
 
 def poison(monkeypatch, calls: set[int]) -> None:
-    """Inject NaN into the learner's log-probs on the given forward calls (0-based)."""
-    real, count = asympo.learner.token_logprobs, [-1]
+    """Inject NaN into the learner's log-probs on the given scoring forward calls (0-based): the step's
+    pass, which also gives the token entropy."""
+    real, count = asympo.learner.token_logprobs_entropy, [-1]
 
-    def token_logprobs(*args, **kwargs):
-        out = real(*args, **kwargs)
+    def token_logprobs_entropy(*args, **kwargs):
+        logprobs, entropy = real(*args, **kwargs)
         count[0] += 1
-        return out * float("nan") if count[0] in calls else out
+        return (logprobs * float("nan") if count[0] in calls else logprobs), entropy
 
-    monkeypatch.setattr(asympo.learner, "token_logprobs", token_logprobs)
+    monkeypatch.setattr(asympo.learner, "token_logprobs_entropy", token_logprobs_entropy)
 
 
 def test_injected_nan_skips_the_step_and_keeps_the_weights(tmp_path, monkeypatch):

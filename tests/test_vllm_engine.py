@@ -1,18 +1,27 @@
-"""The vLLM engine adapter. vLLM needs a GPU, which this machine lacks, so these tests drive the adapter with
-a stand-in `vllm` module: they check how settings, outputs and weights are mapped, not vLLM itself."""
+"""The vLLM engine adapter in the main environment, which has no vLLM.
+
+The real tests run a real vLLM (the CPU build) in their own environment: tests_vllm/, by `./run test-vllm`.
+Here stay two kinds of test: the missing-vLLM errors (real here: vLLM is absent), and a stand-in `vllm`
+module for what only a GPU build does, which no machine of this project can run: a GPU platform keeps vLLM's
+own memory settings, and GPU-only options (tensor parallelism) reach `vllm.LLM` untouched. The weight route
+(files, `collective_rpc("reload_weights")`) is the same on both builds; the stand-in checks what it is sent.
+"""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import types
 from dataclasses import dataclass, field
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from asympo.errors import UserError
+from asympo.learner import publishable_weights
 from asympo.rollout.base import SamplingConfig
-from asympo.rollout.vllm import WORKER_EXTENSION, VLLMEngine
+from asympo.rollout.vllm import VLLMEngine
 
 
 @dataclass
@@ -22,9 +31,7 @@ class Logprob:
 
 @dataclass
 class Completion:
-    text: str
     token_ids: list[int]
-    finish_reason: str
     logprobs: list[dict[int, Logprob]] | None
 
 
@@ -32,124 +39,83 @@ class Completion:
 class FakeLLM:
     """Records what the adapter asks of vLLM and answers in vLLM's output shapes."""
 
-    model: str
-    worker_extension_cls: str
-    logprobs_mode: str = "raw_logprobs"  # vLLM's default: before temperature
+    kwargs: dict
     calls: list = field(default_factory=list)
 
     def generate(self, requests, params, use_tqdm=True):
         self.calls.append(("generate", requests, params))
-        outputs = []
-        for r in requests:
-            ids = r["prompt_token_ids"]
-            completions = [
-                Completion(
-                    f"{len(ids)}+{k}",
-                    [7, 8, 2],
-                    "stop",
-                    [{7: Logprob(-0.5)}, {8: Logprob(-1.0)}, {2: Logprob(-0.1)}],
-                )
-                for k in range(params.n)
-            ]
-            outputs.append(types.SimpleNamespace(outputs=completions))
-        return outputs
+        lp = [{7: Logprob(-0.5)}, {8: Logprob(-1.0)}, {2: Logprob(-0.1)}]
+        return [types.SimpleNamespace(outputs=[Completion([7, 8, 2], lp)] * p.n) for p in params]
 
-    def collective_rpc(self, method, args=()):
-        self.calls.append((method, args))
-        return [len(args[0])]
+    def collective_rpc(self, method, args=(), kwargs=None):
+        self.calls.append((method, kwargs))
+        folder = kwargs["weights_path"]
+        self.loaded = load_file(f"{folder}/model.safetensors")  # read now: the folder is reused
+        return [None]
+
+    def reset_prefix_cache(self):
+        self.calls.append(("reset_prefix_cache", None))
 
 
 @pytest.fixture()
-def fake_vllm(monkeypatch):
+def gpu_vllm(monkeypatch):
+    """A stand-in `vllm` on a GPU platform."""
     module = types.ModuleType("vllm")
-    module.LLM = FakeLLM
+    module.LLM = lambda **kwargs: FakeLLM(kwargs)
     module.SamplingParams = lambda **kw: types.SimpleNamespace(**kw)
+    platforms = types.ModuleType("vllm.platforms")
+    platforms.current_platform = types.SimpleNamespace(is_cpu=lambda: False)
     monkeypatch.setitem(sys.modules, "vllm", module)
+    monkeypatch.setitem(sys.modules, "vllm.platforms", platforms)
     return module
 
 
-def test_without_vllm_the_engine_is_a_clear_error(monkeypatch, tokenizer):
+def test_without_vllm_the_engine_is_a_clear_error(monkeypatch, small_model, tokenizer):
     monkeypatch.setitem(sys.modules, "vllm", None)  # import fails as if it were not installed
-    with pytest.raises(UserError, match="pip install vllm"):
-        VLLMEngine("some/model", tokenizer)
-
-
-def test_generate_maps_sampling_settings_and_outputs(fake_vllm, tokenizer):
-    engine = VLLMEngine("some/model", tokenizer, version=3)
-    assert engine.llm.model == "some/model" and engine.llm.worker_extension_cls == WORKER_EXTENSION
-    assert engine.llm.logprobs_mode == "processed_logprobs"  # after temperature, as the learner scores them
-    sampling = SamplingConfig(temperature=0.7, top_p=0.9, max_new_tokens=5)
-    groups = engine.generate(["1+2=", "10+20="], 3, sampling, torch.Generator().manual_seed(0))
-    _, requests, params = engine.llm.calls[0]
-    assert [r["prompt_token_ids"] for r in requests] == [
-        tokenizer("1+2=")["input_ids"],
-        tokenizer("10+20=")["input_ids"],
-    ]
-    assert (params.n, params.temperature, params.top_p, params.max_tokens, params.logprobs) == (
-        3,
-        0.7,
-        0.9,
-        5,
-        0,
-    )
-    assert [len(g) for g in groups] == [3, 3]
-    sample = groups[1][2]
-    assert sample.prompt == "10+20=" and sample.group == 1 and sample.version == 3
-    assert sample.response_ids == [7, 8, 2] and sample.behaviour_logprobs == [-0.5, -1.0, -0.1]
-    assert sample.finish_reason == "stop" and sample.text == "6+2"
-    again = VLLMEngine("some/model", tokenizer)
-    again.generate(["1+2="], 3, sampling, torch.Generator().manual_seed(0))
-    assert again.llm.calls[0][2].seed == params.seed  # the run's seed reaches vLLM's sampler
-
-
-def test_weights_go_to_every_worker_with_their_version(fake_vllm, tokenizer, small_model):
-    engine = VLLMEngine("some/model", tokenizer, return_logprobs=False)
-    state = small_model.state_dict()
-    engine.load_weights(state, 5)
-    method, (pairs,) = engine.llm.calls[-1]
-    assert method == "asympo_load_weights" and engine.version == 5
-    assert [name for name, _ in pairs] == list(state)
-    groups = engine.generate(["1+2="], 2, SamplingConfig(), None)
-    assert groups[0][0].behaviour_logprobs is None and groups[0][0].version == 5
-
-
-def test_train_runs_through_the_vllm_engine_in_lag_and_async(fake_vllm, tmp_path, monkeypatch):
-    from asympo.config import TrainConfig, build_config
-    from asympo.train import train
-
-    engines = []
-    monkeypatch.setattr(fake_vllm, "LLM", lambda **kw: engines.append(FakeLLM(**kw)) or engines[-1])
-    for mode in ("lag", "async"):
-        overrides = [f"runtime.mode={mode}", "rollout.engine=vllm", "steps=5", f"out={tmp_path / mode}"]
-        overrides += [
-            "rollout.prompts_per_step=2",
-            "rollout.group_size=2",
-            "task.test_size=4",
-            "eval_samples=1",
-        ]
-        overrides += ["progress=false", "save_model=false", "checkpoint_every=0", "eval_every=0"]
-        result = train(build_config(TrainConfig, None, overrides), quiet=True)
-        assert result["steps"] == 5
-        pushed = [call for call in engines[-1].calls if call[0] == "asympo_load_weights"]
-        assert pushed, "the learner's weights never reached vLLM"
+    with pytest.raises(UserError, match="needs vLLM: pip install vllm"):
+        VLLMEngine(small_model, tokenizer)
 
 
 def test_the_cli_without_vllm_is_one_line_and_exit_2(tmp_path):
-    import subprocess
+    args = [
+        sys.executable,
+        "-m",
+        "asympo",
+        "train",
+        "rollout.engine=vllm",
+        "runtime.mode=lag",
+        f"out={tmp_path}",
+    ]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and "needs vLLM: pip install vllm" in lines[0]
 
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "asympo",
-            "train",
-            "rollout.engine=vllm",
-            "runtime.mode=lag",
-            f"out={tmp_path}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 2 and done.stderr.strip().endswith("pip install vllm")
-    assert len(done.stderr.strip().splitlines()) == 1
+
+def test_a_gpu_build_keeps_its_memory_settings_and_takes_gpu_options(gpu_vllm, small_model, tokenizer):
+    engine = VLLMEngine(small_model, tokenizer, dtype=torch.bfloat16, tensor_parallel_size=2)
+    kwargs = engine.llm.kwargs
+    assert "kv_cache_memory_bytes" not in kwargs and kwargs["tensor_parallel_size"] == 2
+    assert kwargs["dtype"] == "bfloat16" and kwargs["logprobs_mode"] == "processed_logprobs"
+    assert kwargs["skip_tokenizer_init"] and kwargs["model"] == str(engine.folder)
+    groups = engine.generate(["1+2=", "3+4="], 2, SamplingConfig(temperature=0.7), torch.Generator())
+    _, requests, params = engine.llm.calls[0]
+    assert [p.seed - params[0].seed for p in params] == [0, 2]  # each prompt's samples draw other seeds
+    assert params[0].stop_token_ids == [tokenizer.eos_token_id] and params[0].logprobs == 0
+    assert groups[1][0].behaviour_logprobs == [-0.5, -1.0, -0.1] and groups[1][0].finish_reason == "stop"
+    published = {k: v * 2 for k, v in publishable_weights(small_model).items()}
+    assert "lm_head.weight" not in published  # tied: the learner publishes the embedding alone
+    engine.load_weights(published, 5)
+    assert [c[0] for c in engine.llm.calls[-2:]] == ["reload_weights", "reset_prefix_cache"]
+    loaded = engine.llm.loaded
+    assert torch.equal(loaded["lm_head.weight"], 2 * small_model.get_output_embeddings().weight.detach())
+    assert engine.version == 5
+    folder = engine.folder
+    engine.close()
+    assert not folder.exists()
+
+
+def test_the_engines_bench_without_the_vllm_environment_is_a_clear_error(tmp_path):
+    from asympo.bench.engines import vllm_python
+
+    with pytest.raises(UserError, match="./run test-vllm` builds .venv-vllm"):
+        vllm_python(str(tmp_path / "missing/bin/python"))

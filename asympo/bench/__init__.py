@@ -21,7 +21,9 @@ from asympo.io import atomic_write_text, ensure_writable_dir
 from asympo.metrics import console
 from asympo.models.device import Placement, Precision, check_device_name, engine_copy, resolve
 
-Section = Literal["engine", "learner", "runtime", "backends", "precision"]
+# "lora" (on request): one learner step's memory, LoRA vs full fine-tuning
+# "engines" (on request): asympo's engine vs vLLM (from ./.venv-vllm) on the engine part's workload
+Section = Literal["engine", "learner", "runtime", "backends", "precision", "lora", "engines"]
 COLUMNS = ("measure", "asympo", "reference", "ratio", "target")
 
 
@@ -44,6 +46,9 @@ class BenchConfig(BaseModel):
     learner_repeats: int = Field(5, ge=1)
     runtime_steps: int = Field(40, ge=2)
     runtime_repeats: int = Field(2, ge=1)
+    engines_rounds: int = Field(2, ge=1)  # alternating rounds of asympo's engine and vLLM; the best counts
+    vllm_python: str = ""  # the vLLM environment's interpreter; empty: ./.venv-vllm/bin/python
+    vllm_eager: bool = False  # false: vLLM compiles its graphs at start (its fastest decode)
     seed: int = 0
     out: str = "runs/bench"
 
@@ -118,6 +123,14 @@ def bench_learner(cfg: BenchConfig, model, tokenizer, say) -> tuple[dict, list[R
             2,
             f"{r['ratio']:.2f}x",
             "<= 0.78x",
+        ),
+        row(
+            "learner step s: with token entropy vs without",
+            r["asympo_s"],
+            r["no_entropy_s"],
+            2,
+            f"{r['entropy_ratio']:.3f}x",
+            "<= 1.05x",
         ),
         row(
             f"learner GFLOP/s vs matmul peak (n={n})",
@@ -218,6 +231,47 @@ def bench_precision(cfg: BenchConfig, name: str, model, tokenizer, say) -> tuple
     return r, rows
 
 
+def bench_engines(cfg: BenchConfig, name: str, model, tokenizer, out: Path, say) -> tuple[dict, list[Row]]:
+    from asympo.bench.engines import asympo_vs_vllm
+
+    tiny = name.startswith("tiny")
+    placement = cfg_placement(cfg, model)
+    source = name
+    if name == "smollm2":  # the converted folder: vLLM's environment holds another copy of the GGUF
+        from asympo.models.load import gguf_cache_folder, smollm2_gguf
+
+        source = str(gguf_cache_folder(smollm2_gguf()))
+    r = asympo_vs_vllm(
+        model,
+        tokenizer,
+        source,
+        placement,
+        cfg.engine_prompts or (256 if tiny else 16),
+        cfg.engine_n,
+        cfg.engine_batch,
+        cfg.engine_max_new_tokens or (48 if tiny else 192),
+        cfg.engines_rounds,
+        cfg.threads,
+        cfg.seed,
+        out,
+        cfg.vllm_python,
+        cfg.vllm_eager,
+        say,
+    )
+    measure = f"rollout useful tok/s: asympo engine vs vLLM ({r['dtype']})"
+    return r, [row(measure, r["asympo"], r["vllm"], 1, f"{r['ratio']:.2f}x", ">= 0.8x")]
+
+
+def bench_lora(cfg: BenchConfig, name: str, say) -> tuple[dict, list[Row]]:
+    from asympo.bench.lora import lora_memory
+
+    rank = 16
+    shape = (cfg.learner_rows, cfg.learner_length)
+    r = lora_memory(name, *shape, rank, cfg.device, cfg.precision, cfg.threads, say)
+    full, lora = (r[k]["step_bytes"] / 2**20 for k in ("full", "lora"))
+    return r, [row(f"learner step MiB: LoRA r={rank} vs full", lora, full, 0, f"{r['ratio']:.2f}x", "-")]
+
+
 def run_bench(cfg: BenchConfig) -> dict:
     from asympo.models.load import load_policy
 
@@ -232,7 +286,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     say(f"asympo bench: model {name}, {cfg.threads} threads, {where}")
     result: dict = {"model": name, "threads": cfg.threads, "quick": cfg.quick, "device": where}
     rows: list[Row] = []
-    if {"engine", "learner", "precision"} & set(cfg.sections):
+    if {"engine", "learner", "precision", "engines"} & set(cfg.sections):
         model, tokenizer = load_policy(name)
     parts = {
         "engine": lambda: bench_engine(cfg, name, model, tokenizer, say),
@@ -240,6 +294,8 @@ def run_bench(cfg: BenchConfig) -> dict:
         "runtime": lambda: bench_runtime(cfg, out, say),
         "backends": lambda: bench_backends(cfg, out, say),
         "precision": lambda: bench_precision(cfg, name, model, tokenizer, say),
+        "lora": lambda: bench_lora(cfg, name, say),
+        "engines": lambda: bench_engines(cfg, name, model, tokenizer, out, say),
     }
     for section, part in parts.items():
         if section in cfg.sections:

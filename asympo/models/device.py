@@ -176,6 +176,10 @@ def engine_copy(model: torch.nn.Module, placement: Placement) -> torch.nn.Module
         floating = tensor.is_floating_point() and id(tensor) in persistent  # rotary frequencies keep float32
         dtype = placement.dtype if floating else None
         memo.setdefault(id(tensor), tensor.to(placement.device, dtype=dtype, copy=True))
+    if hasattr(model, "peft_config"):  # LoRA: the plain architecture holding the merged weights
+        from asympo.lora import strip_into
+
+        return strip_into(copy.deepcopy(getattr(model, "get_base_model", lambda: model)(), memo), model)
     return copy.deepcopy(model, memo)
 
 

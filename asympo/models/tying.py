@@ -6,7 +6,10 @@ import torch
 
 
 def tensor_identity(tensor: torch.Tensor) -> tuple:
-    """Equal for two names of the very same tensor (storage, offset, shape, stride)."""
+    """Equal for two names of the very same tensor (storage, offset, shape, stride). A DTensor (a sharded
+    parameter) has no storage of its own: it is compared by its local shard."""
+    if hasattr(tensor, "to_local"):
+        tensor = tensor.to_local()
     return (
         tensor.untyped_storage().data_ptr(),
         tensor.storage_offset(),

@@ -22,6 +22,7 @@ from asympo.objectives.common import (
     response_diagnostics,
     token_mean,
 )
+from asympo.objectives.kl import kl_penalty
 
 LossFn = Callable[[LossInputs, ObjectiveConfig], tuple[Tensor, Tensor]]
 DiagnosticsFn = Callable[[LossInputs, ObjectiveConfig], dict[str, Tensor]]
@@ -114,7 +115,11 @@ def compute_loss(inputs: LossInputs, cfg: ObjectiveConfig) -> tuple[Tensor, dict
     spec = get_objective(cfg.name)
     _check(inputs, spec)
     loss, contrib = spec.fn(inputs, cfg)
-    metrics = response_diagnostics(inputs, contrib)
+    metrics = response_diagnostics(inputs, contrib)  # "loss" is the objective's part, without the KL term
+    if cfg.kl_coef > 0:
+        kl = kl_penalty(inputs, cfg)
+        loss = loss + cfg.kl_coef * kl
+        metrics["kl_ref"] = float(kl.detach())
     with torch.no_grad():
         extra = spec.diagnostics(inputs, cfg) if spec.diagnostics else {}
         if inputs.behaviour_logprobs is not None:  # k1 estimate of KL(behav || current) on engine samples

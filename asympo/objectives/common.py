@@ -33,6 +33,7 @@ class LossInputs:
     group_ids: Tensor
     behaviour_logprobs: Tensor | None = None  # from the rollout engine (behaviour policy)
     proximal_logprobs: Tensor | None = None  # learner weights at step start, no grad (decoupled_ppo)
+    reference_logprobs: Tensor | None = None  # the frozen reference policy, no grad (kl_coef > 0)
     total_responses: int | None = None  # normaliser across micro-batches (default: B of this batch)
     total_tokens: int | None = None  # normaliser for token-level aggregation (default: mask.sum())
     max_len: int | None = None  # Dr.GRPO constant length normaliser (default: T)
@@ -43,7 +44,8 @@ class LossInputs:
 
     @property
     def n_tokens(self) -> int | Tensor:
-        return self.total_tokens if self.total_tokens is not None else self.mask.sum().clamp(min=1)
+        # at least 1: a batch whose responses were all filtered out (rollout.overlong_filter) adds 0, not nan
+        return max(self.total_tokens, 1) if self.total_tokens is not None else self.mask.sum().clamp(min=1)
 
     @property
     def length_norm(self) -> int:
@@ -68,6 +70,10 @@ class ObjectiveConfig(BaseModel):
     gspo_eps: float = Field(3e-4, gt=0, lt=1)  # gspo uses sequence-level ratios, so a small clip
     tis_cap: float = Field(2.0, gt=0)  # tis: truncation of the importance weight
     behaviour_weight_cap: float = Field(5.0, gt=0)  # decoupled_ppo: cap on pi_prox / pi_behav
+    # KL penalty to a frozen reference policy (the initial weights), as in the original GRPO recipe: the loss
+    # gains kl_coef x the token mean of the estimator; 0 skips the reference and its forward pass entirely
+    kl_coef: float = Field(0.0, ge=0)
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"  # k1: log r; k2: (log r)^2 / 2; k3: r - 1 - log r
 
     @field_validator("name")
     @classmethod
@@ -94,9 +100,9 @@ def current_logprobs(inputs: LossInputs) -> Tensor:
     return masked(inputs.logprobs, inputs.mask)
 
 
-def fixed_logprobs(inputs: LossInputs, which: Literal["behaviour", "proximal"]) -> Tensor:
-    """Behaviour or proximal log-probs, detached (they are data, not parameters) and padding-zeroed."""
-    x = inputs.behaviour_logprobs if which == "behaviour" else inputs.proximal_logprobs
+def fixed_logprobs(inputs: LossInputs, which: Literal["behaviour", "proximal", "reference"]) -> Tensor:
+    """Behaviour, proximal or reference log-probs detached (data, not parameters), padding-zeroed."""
+    x = getattr(inputs, f"{which}_logprobs")
     if x is None:
         raise ObjectiveError(f"{which} log-probs are missing")
     return masked(x.detach().to(inputs.logprobs.dtype), inputs.mask)

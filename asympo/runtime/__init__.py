@@ -44,7 +44,7 @@ def build_runtime(
         runtime.cursor = cursor
         return runtime
     if cfg.rollout.engine in ("openai", "vllm"):
-        runtime = build_remote(cfg, tokenizer, problems, score, engine_logprobs)
+        runtime = build_remote(cfg, tokenizer, problems, score, engine_logprobs, model, version, placement)
         runtime.cursor = cursor
         return runtime
     if cfg.runtime.mode == "async":
@@ -55,6 +55,7 @@ def build_runtime(
         engine = HFEngine(
             engine_copy(model, placement),
             tokenizer,
+            version=version,  # the copy's weights: after a resume, not version 0's (that one is reloaded)
             return_logprobs=engine_logprobs,
             max_batch=cfg.rollout.max_batch,
         )
@@ -87,7 +88,12 @@ def build_ray(
 
     learner_threads(cfg)  # the driver is the learner
     args = worker_pool_args(cfg, model, version, problems, score, engine_logprobs, placement)
-    return RayRuntime(*args, address=cfg.runtime.ray_address, num_cpus=cfg.runtime.ray_num_cpus)
+    if cfg.lora.rank > 0:  # the actors load the base themselves and take the adapters alone
+        from asympo.lora import adapter_weights
+
+        args = (args[0], adapter_weights(model), *args[2:])
+    address, cpus = cfg.runtime.ray_address, cfg.runtime.ray_num_cpus
+    return RayRuntime(*args, address=address, num_cpus=cpus, lora=cfg.lora)
 
 
 def worker_pool_args(
@@ -122,15 +128,30 @@ def build_remote(
     problems: Iterator[Problem],
     score: Scorer,
     engine_logprobs: bool,
+    model: PreTrainedModel | None = None,
+    version: int = 0,
+    placement: Placement = CPU_FP32,
 ) -> LagRuntime | RemoteAsyncRuntime:
     """`rollout.engine=openai` or `vllm`: the same runtimes, with rollouts from an engine outside this
-    process's torch (a server, or vLLM on the GPU), so `async` needs only a thread to keep it busy."""
+    process's torch (a server, or vLLM's own engine process), so `async` needs only a thread to keep it
+    busy. vLLM starts from `model`'s weights at `version`, in the placement's dtype."""
     from asympo.objectives import get_objective
 
     if cfg.rollout.engine == "vllm":
         from asympo.rollout.vllm import VLLMEngine
 
-        engine = VLLMEngine(cfg.model, tokenizer, return_logprobs=engine_logprobs)
+        v = cfg.rollout.vllm
+        engine = VLLMEngine(
+            cfg.model if model is None else model,
+            tokenizer,
+            version=version,
+            return_logprobs=engine_logprobs,
+            dtype=placement.dtype,
+            seed=cfg.seed,
+            kv_cache_gib=v.kv_cache_gib,
+            enforce_eager=v.enforce_eager,
+            max_model_len=v.max_model_len,
+        )
     else:
         engine = openai_engine(cfg, tokenizer, get_objective(cfg.objective.name).needs_behaviour)
     if cfg.runtime.mode != "async":

@@ -39,14 +39,17 @@ class LagRuntime:
         else:
             self.history.append((version, weights))
 
-    def next_batch(self, step: int) -> tuple[list[Sample], dict[str, float]]:
-        """Generate and reward one batch of groups; before k versions exist, the oldest one is used."""
+    def next_batch(self, step: int, attempt: int = 0) -> tuple[list[Sample], dict[str, float]]:
+        """Generate and reward one batch of groups; before k versions exist, the oldest one is used.
+
+        `attempt` > 0 is a further batch of the same step (dynamic sampling): the same version, fresh
+        problems and fresh randomness; attempt 0 draws exactly what it always has."""
         version, weights = self.history[0]
         if self.engine.version != version:
             self.engine.load_weights(weights, version)
         problems = [next(self.problems) for _ in range(self.rollout.prompts_per_step)]
         self.cursor += len(problems)
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step + (attempt << 40))
         start = time.perf_counter()
         groups = self.engine.generate(
             [p.prompt for p in problems], self.rollout.group_size, self.rollout, generator
@@ -63,4 +66,6 @@ class LagRuntime:
         return samples, {"rollout_time": elapsed, "rollout_tokens_per_s": tokens / max(elapsed, 1e-9)}
 
     def close(self) -> None:
-        pass
+        close = getattr(self.engine, "close", None)  # an engine with a process of its own (vLLM) stops it
+        if close is not None:
+            close()

@@ -196,7 +196,8 @@ class AsyncRuntime:
         self.learner_version = version
         self.shared.publish(weights, version)
 
-    def next_batch(self, step: int) -> tuple[list[Sample], dict[str, float]]:
+    def next_batch(self, step: int, attempt: int = 0) -> tuple[list[Sample], dict[str, float]]:
+        # attempt > 0: a further round of the same step (dynamic sampling); the buffer's next groups are fresh
         entered = time.perf_counter()
         while True:
             if self.stop_requested():

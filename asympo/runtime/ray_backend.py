@@ -1,6 +1,8 @@
 """The `async` runtime on Ray (`runtime.backend=ray`): rollout workers are Ray actors, the learner is the
 driver. Each published version goes into the object store once (one `ray.put`); an actor fetches it only
 when its own weights are older. The same bounded-staleness buffer as the local runtime decides what trains.
+Under LoRA (`lora.rank > 0`) each actor wraps its own base with the same adapters, and a version is only the
+adapter tensors (the scaling travels in the LoRA config the actors are built with).
 
 Joining a cluster (`runtime.ray_address=HOST:PORT`, or the RAY_ADDRESS environment variable): asympo must
 be installed on every node and the model name or path must resolve there. Ray 2.60 clusters use token
@@ -51,6 +53,7 @@ class RolloutActor:
         return_logprobs: bool,
         device: str,
         precision: str,
+        lora=None,
     ):
         torch.set_num_threads(threads)
         from transformers.utils import logging as hf_logging
@@ -66,6 +69,10 @@ class RolloutActor:
         policy = for_engine(
             policy, resolve("cuda" if device.startswith("cuda") else "cpu", precision, policy)
         )
+        if lora is not None:  # the learner's adapters on this base: each version sends only them
+            from asympo.lora import apply_lora
+
+            apply_lora(policy, lora)
         self.engine = HFEngine(
             policy, tokenizer, version=-1, return_logprobs=return_logprobs, max_batch=rollout.max_batch
         )
@@ -178,11 +185,15 @@ class RayRuntime:
         precision: str = "fp32",
         address: str | None = None,
         num_cpus: int | None = None,
+        lora=None,
     ):
         self.model, self.rollout, self.problems, self.score, self.seed = model, rollout, problems, score, seed
         self.depth, self.max_restarts, self.threads = jobs_per_worker, max_worker_restarts, worker_threads
         self.return_logprobs = return_logprobs
         self.devices, self.precision = devices or ["cpu"] * workers, precision
+        # lora.rank > 0: actors wrap their base with the same adapters; `weights` are adapter tensors only
+        self.lora = lora if lora is not None and lora.rank > 0 else None
+        self.adapters_only = self.lora is not None
         self.lag = max_staleness  # what the behaviour-log-prob snapshot store must cover
         self.job_prompts = math.ceil(rollout.prompts_per_step / workers)
         self.buffer = StalenessBuffer(max_staleness)
@@ -228,7 +239,7 @@ class RayRuntime:
         device = self.devices[index]
         gpus = 1 if device.startswith("cuda") else 0  # Ray picks the GPU; the actor sees it as cuda:0
         actor = RolloutActor.options(num_cpus=self.threads, num_gpus=gpus, max_restarts=0, name=name).remote(
-            self.model, self.rollout, self.threads, self.return_logprobs, device, self.precision
+            self.model, self.rollout, self.threads, self.return_logprobs, device, self.precision, self.lora
         )
         return Worker(actor)
 
@@ -240,7 +251,8 @@ class RayRuntime:
             if worker.ready:
                 worker.actor.offer.remote(version, self.weights)
 
-    def next_batch(self, step: int) -> tuple[list[Sample], dict[str, float]]:
+    def next_batch(self, step: int, attempt: int = 0) -> tuple[list[Sample], dict[str, float]]:
+        # attempt > 0: a further round of the same step (dynamic sampling); the buffer's next groups are fresh
         entered = time.perf_counter()
         while True:
             if self.stop_requested():

@@ -113,6 +113,7 @@ def write_plots(cfg: StudyConfig, out: Path, table: list[dict], picks: Picks) ->
         ([("reward", "-")], "training reward (10-step mean)", "reward.png", 10),
         ([("nll_ratio", "-")], "NLL+ / NLL- (10-step mean)", "nll_ratio.png", 10),
         ([("grad_norm", "-")], "gradient norm before clipping (10-step mean)", "grad_norm.png", 10),
+        ([("entropy", "-")], "policy token entropy, nats (10-step mean)", "entropy.png", 10),
         (
             [("loss_pos", "-"), ("loss_neg", "--")],
             "loss split: positive (solid), negative (dashed)",

@@ -1,0 +1,67 @@
+"""vLLM's leg of `asympo bench sections=[engines]`, run as `python -m asympo.bench.vllm_leg` inside the vLLM
+environment (./.venv-vllm: vLLM's pins clash with asympo's own environment).
+
+Protocol, one JSON object a line: the parent sends the workload (model, dtype, prompt ids, n, sampling,
+batch, threads); this process starts vLLM (through asympo's adapter, asympo.rollout.vllm), warms it up and
+answers `{"ready": start seconds}`. Each later line `run` generates the whole workload once and answers
+`{"seconds", "useful", "lengths"}`; `quit` (or the end of input) stops it. Only these answers go to stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+
+def main() -> int:
+    job = json.loads(sys.stdin.readline())
+    # the engine's OpenMP threads on cores 0..threads-1, as asympo's engine gets `threads` torch threads
+    # (vLLM's own default on a 2-core machine keeps one core for its scheduler and computes on the other)
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{job['threads'] - 1}")
+    # vLLM's and asympo's prints, this process's and its children's, go to stderr: the protocol keeps fd 1
+    sys.stdout.flush()
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    import torch
+
+    from asympo.rollout.vllm import VLLMEngine
+
+    start = time.perf_counter()
+    engine = VLLMEngine(
+        job["model"],
+        dtype=getattr(torch, job["dtype"]),
+        seed=job["seed"],
+        enforce_eager=job["eager"],
+        max_num_seqs=job["batch"],
+    )
+    try:  # whatever happens (the parent gone: a broken pipe), vLLM's engine processes are stopped
+        serve(engine, job, out, start)
+    finally:
+        engine.close()
+    return 0
+
+
+def serve(engine, job: dict, out, start: float) -> None:
+    from asympo.rollout.base import SamplingConfig
+
+    sampling = SamplingConfig(**job["sampling"])
+    prompts, n = job["prompts"], job["n"]
+    engine.generate_ids(prompts[:2], 2, sampling)  # warm-up
+    say = lambda obj: print(json.dumps(obj), file=out, flush=True)  # noqa: E731
+    say({"ready": time.perf_counter() - start})
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
+        start = time.perf_counter()
+        completions = engine.generate_ids(prompts, n, sampling)  # unseeded: vLLM's fastest sampler path
+        seconds = time.perf_counter() - start
+        responses = [list(c.token_ids) for outs in completions for c in outs]  # each ends at EOS, inclusive
+        lengths = [len(r) for r in responses]
+        stopped = sum(bool(r) and r[-1] == engine.eos_id for r in responses) / len(responses)
+        say({"seconds": seconds, "useful": sum(lengths), "lengths": lengths, "stopped": stopped})
+
+
+if __name__ == "__main__":
+    sys.exit(main())

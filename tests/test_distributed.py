@@ -1,0 +1,159 @@
+"""The data-parallel learner (asympo.distributed) on 2 CPU ranks with gloo, for real under torchrun: a step
+equals the one-process step on the same batch, a 2-rank lag run learns and writes a consolidated final/,
+and a rank killed with SIGKILL ends the run with one line, its last checkpoint intact for a resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from asympo.bench.learner import synthetic_batch
+from asympo.distributed.learner import deal_groups
+from asympo.distributed.selfcheck import reference_inputs
+from asympo.learner import Learner
+from asympo.models.load import load_policy
+from asympo.objectives.common import ObjectiveConfig
+
+ENV = os.environ | {"OMP_NUM_THREADS": "1"}
+SMALL = [
+    "runtime.mode=lag",
+    "runtime.lag=1",
+    "eval_samples=2",
+    "task.test_size=40",
+    "rollout.prompts_per_step=8",
+    "rollout.group_size=4",
+    "progress=false",
+]
+
+
+def test_groups_are_dealt_whole_and_balanced():
+    batch = synthetic_batch(100, rows=28, length=8)  # groups of 4: 7 groups
+    batch.group_ids[-8:] = torch.tensor([5] * 2 + [6] * 6)  # uneven sizes: 2 and 6
+    parts = deal_groups(batch, 2)
+    ids = [set(p.group_ids.tolist()) for p in parts]
+    assert not ids[0] & ids[1] and ids[0] | ids[1] == set(range(7))
+    for part in parts:
+        for g in part.group_ids.unique():
+            assert int((part.group_ids == g).sum()) == int((batch.group_ids == g).sum())  # never split
+    assert abs(len(parts[0]) - len(parts[1])) <= 6
+    assert deal_groups(synthetic_batch(100, rows=4, length=8), 3)[1:] == [None, None]
+
+
+@pytest.mark.parametrize(("objective", "micro_batch"), [("asympo", 8), ("decoupled_ppo", 24)])
+def test_a_two_rank_step_equals_the_one_process_step(tmp_path, objective, micro_batch):
+    """asympo with 8-response micro-batches (3 per rank, groups dealt 3 and 3) and decoupled_ppo (with its
+    proximal pass) with one micro-batch per rank. The two runs differ only in the order of float32 sums
+    (gradients reduced across ranks), so loss, gradient norm and entropy agree to ~1e-6 relative. Weights
+    after one AdamW step: its first update is lr * g / (|g| + eps), about lr * sign(g), so a coordinate
+    whose gradient nearly cancels can move by a fraction of lr; all must agree to 0.1 lr and nearly all
+    to 1e-3 lr."""
+    out = tmp_path / "ranks.pt"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    done = subprocess.run(
+        [*command, "-m", "asympo.distributed.selfcheck", str(out), objective, str(micro_batch)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=ENV,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = torch.load(out)
+    model, tokenizer = load_policy("tiny")
+    batch, optim = reference_inputs(micro_batch, len(tokenizer))
+    learner = Learner(model, ObjectiveConfig(name=objective), optim)
+    metrics = learner.step(batch)
+    for key in ("loss", "grad_norm", "entropy", "nll_pos", "nll_neg", "loss_pos", "loss_neg"):
+        assert ranks["metrics"][key] == pytest.approx(metrics[key], rel=1e-5, abs=1e-7), key
+    weights = learner.weights(torch.float32)
+    assert weights.keys() == ranks["weights"].keys()
+    diffs = torch.cat([(weights[k] - ranks["weights"][k]).abs().flatten() for k in weights])
+    assert diffs.max() <= 0.1 * optim.lr
+    assert (diffs > 1e-3 * optim.lr).float().mean() < 1e-3
+
+
+def train(out: Path, *extra: str, wait: bool = True) -> subprocess.Popen | subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "asympo", "train", "learner.processes=2", f"out={out}", *SMALL, *extra]
+    if wait:
+        return subprocess.run(args, capture_output=True, text=True, timeout=900, env=ENV)
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+
+
+def test_a_two_rank_lag_run_learns_and_writes_a_consolidated_model(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    done = train(tmp_path, "steps=40", "eval_every=0", "checkpoint_every=0")
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["version"] == 40 and result["accuracy_after"] > result["accuracy_before"] + 0.05
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    assert sum(p.numel() for p in final.parameters()) == sum(
+        p.numel() for p in load_policy("tiny")[0].parameters()
+    )
+
+
+def rank_pid(parent: int, rank: str) -> int | None:
+    """The process under `parent` whose environment says RANK=rank (torchrun's worker of that rank)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if f"RANK={rank}".encode() in environ and b"TORCHELASTIC_RUN_ID" in b"\0".join(environ):
+            ancestors, pid = set(), ppid
+            while pid > 1 and pid not in ancestors:
+                ancestors.add(pid)
+                try:
+                    pid = int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                except (OSError, ValueError, IndexError):
+                    break
+            if parent in ancestors:
+                return int(proc.name)
+    return None
+
+
+def test_a_killed_rank_ends_the_run_and_resume_continues_from_the_last_checkpoint(tmp_path):
+    run = train(tmp_path, "steps=30", "eval_every=0", "checkpoint_every=2", wait=False)
+    latest = tmp_path / "checkpoints" / "latest"
+    deadline = time.monotonic() + 600
+    while (
+        not (latest.exists() and latest.read_text().strip() >= "step-000004") and time.monotonic() < deadline
+    ):
+        assert run.poll() is None, run.communicate()[1][-3000:]
+        time.sleep(0.5)
+    victim = rank_pid(run.pid, "1")
+    assert victim is not None
+    os.kill(victim, signal.SIGKILL)
+    _, stderr = run.communicate(timeout=300)
+    assert run.returncode == 1
+    assert stderr.strip().splitlines()[-1].startswith("asympo: run stopped: a learner rank failed")
+    kept = tmp_path / "checkpoints" / latest.read_text().strip()
+    assert (kept / "state.json").exists() and (kept / "shards" / ".metadata").exists()
+    step = json.loads((kept / "state.json").read_text())["train"]["step"]
+
+    single = subprocess.run(
+        [sys.executable, "-m", "asympo", "train", f"out={tmp_path}", *SMALL, "steps=30", "resume=true"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
+    )
+    assert single.returncode == 2 and "resume with the same learner.processes" in single.stderr
+    assert len(single.stderr.strip().splitlines()) == 1
+
+    resumed = train(tmp_path, "steps=30", "eval_every=0", "checkpoint_every=2", "resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((tmp_path / "result.json").read_text())["version"] == 30
+    logged = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    trained = [s for s in logged if s < 30]
+    assert trained == sorted(set(trained)) and trained[-1] == 29 and step in trained
