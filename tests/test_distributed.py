@@ -157,3 +157,25 @@ def test_a_killed_rank_ends_the_run_and_resume_continues_from_the_last_checkpoin
     logged = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     trained = [s for s in logged if s < 30]
     assert trained == sorted(set(trained)) and trained[-1] == 29 and step in trained
+
+
+@pytest.mark.parametrize("backend", ["local", "ray"])
+def test_the_async_runtimes_run_beside_two_learner_ranks(tmp_path, backend):
+    """Rank 0 runs the async runtime (worker processes, or Ray actors on a local Ray it starts) while both
+    ranks train; every step publishes a version the workers then generate with."""
+    extra = ["runtime.ray_num_cpus=2"] if backend == "ray" else []
+    args = ["steps=6", "eval_every=0", "checkpoint_every=0", "save_model=false"]
+    done = subprocess.run(
+        [sys.executable, "-m", "asympo", "train", "learner.processes=2", f"out={tmp_path}", *SMALL, *args]
+        + ["runtime.mode=async", f"runtime.backend={backend}", *extra],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=ENV,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((tmp_path / "result.json").read_text())["version"] == 6
+    steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    trained = [m for m in steps if "reward" in m]
+    assert [m["step"] for m in trained] == list(range(6))
+    assert max(m["version"] for m in trained) == 6 and all("staleness_hist" in m for m in trained)

@@ -15,10 +15,6 @@ def check_supported(cfg: TrainConfig) -> None:
     """What the data-parallel learner does not do yet fails before any rank starts work."""
     if cfg.lora.rank > 0:
         raise UserError("learner.processes > 1 with lora.rank > 0 is not supported yet: use one of them")
-    if cfg.runtime.backend == "ray":
-        raise UserError(
-            "learner.processes > 1 with runtime.backend=ray is not supported yet: use the local async runtime"
-        )
 
 
 def agreed_placement(cfg: TrainConfig, model: torch.nn.Module) -> Placement:
