@@ -179,3 +179,15 @@ def test_the_async_runtimes_run_beside_two_learner_ranks(tmp_path, backend):
     trained = [m for m in steps if "reward" in m]
     assert [m["step"] for m in trained] == list(range(6))
     assert max(m["version"] for m in trained) == 6 and all("staleness_hist" in m for m in trained)
+
+
+def test_what_the_ranks_cannot_do_yet_is_a_one_line_error(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "asympo", "train", "learner.processes=2", "lora.rank=4", f"out={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=ENV,
+    )
+    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0
+    assert "lora.rank > 0 is not supported yet" in done.stderr
