@@ -4,7 +4,6 @@ definitions with prepared samples, the lag runtime's refills, and short real `as
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import torch
@@ -22,6 +21,7 @@ from asympo.rollout.hf import HFEngine
 from asympo.runtime import LagRuntime
 from asympo.runtime.dynamic import step_batch
 from asympo.train import train
+from tests.small_runs import read_metrics, small_config
 
 
 def sample(reward: float, length: int = 2, group: int = 0, reason: str = "stop") -> Sample:
@@ -227,21 +227,12 @@ def test_lag_runtime_attempts_draw_fresh_batches_of_the_same_version(small_model
 
 
 def train_config(out, **extra) -> TrainConfig:
-    data = {
-        "runtime": {"mode": "lag"},
-        "rollout": {"prompts_per_step": 4, "group_size": 4, "dynamic_sampling": True},
-        "task": {"test_size": 20},
-        "eval_samples": 1,
-        "eval_every": 0,
-        "progress": False,
-        "save_model": False,
-        "out": str(out),
-    }
-    return TrainConfig.model_validate(data | extra)
+    """A small real run with dynamic sampling on (unless `rollout` is given whole)."""
+    rollout = {"prompts_per_step": 4, "group_size": 4, "dynamic_sampling": True}
+    return small_config(out, **({"rollout": rollout} | extra))
 
 
-def metrics(out) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+metrics = read_metrics
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import sys
 
 import pytest
@@ -21,6 +20,7 @@ from asympo.models.device import CPU_FP32, engine_copy
 from asympo.models.load import load_policy
 from asympo.objectives.common import ObjectiveConfig
 from asympo.train import train
+from tests.small_runs import read_metrics, small_config
 
 peft = pytest.importorskip("peft")
 LORA = LoraConfig(rank=4, alpha=8.0)
@@ -116,24 +116,19 @@ def test_lora_config_keys_and_bounds():
             build_config(TrainConfig, overrides=[bad])
 
 
+LORA_RUN = {
+    "runtime": {"mode": "lag", "lag": 1},
+    "task": {"test_size": 8},
+    "optim": {"lr": 1e-2, "warmup_steps": 0},
+    "lora": {"rank": 4},
+}
+
+
 def config(out, **extra) -> TrainConfig:
-    data = {
-        "runtime": {"mode": "lag", "lag": 1},
-        "rollout": {"prompts_per_step": 4, "group_size": 4},
-        "task": {"test_size": 8},
-        "optim": {"lr": 1e-2, "warmup_steps": 0},
-        "lora": {"rank": 4},
-        "eval_samples": 1,
-        "eval_every": 0,
-        "progress": False,
-        "save_model": False,
-        "out": str(out),
-    }
-    return TrainConfig.model_validate(data | extra)
+    return small_config(out, **(LORA_RUN | extra))
 
 
-def metrics(out) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+metrics = read_metrics
 
 
 def test_a_lora_run_writes_a_final_folder_that_peft_loads(tmp_path):

@@ -24,6 +24,7 @@ from asympo.faults import RunAborted
 from asympo.learner import Learner
 from asympo.models.load import load_policy
 from asympo.train import train
+from tests.small_runs import read_metrics, small_config
 
 SMALL = [
     "rollout.prompts_per_step=4",
@@ -37,22 +38,7 @@ SMALL = [
 TIMING = {"elapsed", "learn_time", "rollout_time", "rollout_tokens_per_s", "wait_time", "recompute_time"}
 
 
-def config(out, **extra) -> TrainConfig:
-    data = {
-        "runtime": {"mode": "lag"},
-        "rollout": {"prompts_per_step": 4, "group_size": 4},
-        "task": {"test_size": 20},
-        "eval_samples": 1,
-        "eval_every": 0,
-        "progress": False,
-        "save_model": False,
-        "out": str(out),
-    }
-    return TrainConfig.model_validate(data | extra)
-
-
-def metrics(out) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+config, metrics = small_config, read_metrics
 
 
 def steps_of(out) -> list[int]:
