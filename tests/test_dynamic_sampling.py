@@ -287,3 +287,16 @@ def test_a_real_run_with_overlong_shaping_and_filtering(tmp_path):
     assert all({"truncated_filtered", "overlong_penalty_mean"} <= m.keys() for m in steps)
     assert sum(m["truncated_filtered"] for m in steps) > 0, "nothing was truncated: nothing was tested"
     assert all(m["truncated_filtered"] == round(m["truncated_frac"] * 16) for m in steps)
+
+
+def test_dynamic_sampling_in_the_async_runtime(tmp_path):
+    """The async runtime's buffer hands over more groups on a refill; the bound on rounds holds."""
+    cfg = train_config(tmp_path, steps=4, runtime={"mode": "async", "max_staleness": 2})
+    result = train(cfg, quiet=True)
+    assert result["version"] == 4
+    steps = [m for m in metrics(tmp_path) if "reward" in m]
+    assert len(steps) == 4
+    for m in steps:
+        assert 1 <= m["sampling_rounds"] <= 3 and m["groups_kept"] <= 4
+        assert m["groups_kept"] == 4 or m["sampling_rounds"] == 3  # short only when the rounds ran out
+        assert max(int(k) for k in m["staleness_hist"]) <= 2
