@@ -102,7 +102,7 @@ class Trainer:
             )
         for version, weights in history:  # the lag runtime's older versions, so it continues exactly
             self.publish(version, weights)
-        self.publish(self.learner.version, self.learner.weights())
+        self.publish(self.learner.version)
         self.skips = SkipGuard(cfg.faults.max_skipped_steps)
         self.skips.consecutive = int(self.state.counters.get("consecutive_skips", 0))
         if hasattr(self.runtime, "counts"):
@@ -141,16 +141,20 @@ class Trainer:
         self.say(f"resuming at step {state.step}")
         return state, history, True
 
-    def publish(self, version: int, weights: dict) -> None:
-        # Ray actors under LoRA hold the base and take the adapters alone (the newest, as published here)
+    def publish(self, version: int, weights: dict | None = None) -> None:
+        """Send a version to the runtime (and the recompute store); `weights` None: the learner's newest,
+        gathered only if something takes them (Ray actors under LoRA take the adapters alone)."""
         adapters_only = getattr(self.runtime, "adapters_only", False) and version == self.learner.version
+        if weights is None and not adapters_only:
+            weights = self.learner.weights()
         self.runtime.publish(version, self.learner.adapters() if adapters_only else weights)
         if (
             self.recompute is not None
         ):  # the master weights (float32), so that an on-policy ratio is 1 in bf16
             current = self.placement.bf16 and version == self.learner.version
-            master = self.learner.weights(torch.float32) if current else weights
-            self.recompute.store.put(version, master)
+            if current or weights is None:
+                weights = self.learner.weights(torch.float32 if current else None)
+            self.recompute.store.put(version, weights)
 
     def evaluate(self, problems: list | None = None) -> dict[str, float]:
         """Held-out accuracy on the test set, or on `problems` (the validation set)."""
@@ -218,7 +222,7 @@ class Trainer:
                     if cfg.rollout.overlong_filter:  # truncated responses leave the loss, after advantages
                         rollout_stats["truncated_filtered"] = filter_truncated(batch, samples)
                     stats = rollout_metrics(samples, learner.version) | rollout_stats | learner.step(batch)
-                    self.publish(learner.version, learner.weights())
+                    self.publish(learner.version)
                     if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
                         stats |= {f"test_{k}": v for k, v in self.evaluate().items()}
                     stats |= self.reward_counts() | {"version": learner.version, "elapsed": self.elapsed()}

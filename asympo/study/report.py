@@ -184,11 +184,12 @@ def markdown_report(cfg: StudyConfig, table: list[dict], tuned: list[dict]) -> s
     return "\n\n".join(parts) + "\n"
 
 
-def write_report(cfg: StudyConfig, out: Path) -> list[dict]:
+def write_report(cfg: StudyConfig, out: Path) -> tuple[list[dict], list[dict]]:
+    """Write the tables; return the per-(objective, k, lr) rows and the tuned rows."""
     cells, table = summarise(cfg, out)
     tuned = tuned_rows(cfg, table)
     write_csv(out / "cells.csv", cells)
     write_csv(out / "results.csv", table)
     write_csv(out / "tuned.csv", tuned)
     (out / "results.md").write_text(markdown_report(cfg, table, tuned))
-    return tuned
+    return table, tuned

@@ -8,13 +8,12 @@ from asympo.config import StudyConfig
 from asympo.metrics import console
 from asympo.study.grid import run_grid
 from asympo.study.plots import write_plots
-from asympo.study.report import chosen_lrs, summarise, write_report
+from asympo.study.report import chosen_lrs, write_report
 
 
 def run_study(cfg: StudyConfig) -> dict:
     out = run_grid(cfg)
-    tuned = write_report(cfg, out)
-    _, table = summarise(cfg, out)
+    table, tuned = write_report(cfg, out)
     plots = write_plots(cfg, out, table, chosen_lrs(table))
     console.print(Markdown((out / "results.md").read_text()))
     console.print(
