@@ -45,7 +45,12 @@ def run(args: argparse.Namespace) -> None:
 
         cfg = build_config(TrainConfig, args.config, args.overrides)
         if cfg.learner.processes > 1 and world_size() == 1:
-            launch_ranks(cfg, args)
+            from asympo.distributed.ray_ranks import train_ray_ranks, uses_ray
+
+            if uses_ray(cfg):
+                train_ray_ranks(cfg)
+            else:
+                launch_ranks(cfg, args)
         else:
             train(cfg)
     elif args.command == "sft":

@@ -166,6 +166,9 @@ class LearnerConfig(Strict):
     # ranks of the learner; `asympo train` starts them with torchrun (gloo on CPUs, NCCL on GPUs). Under a
     # torchrun you launch yourself, leave it at 1 (the launcher's world size is used) or give the same N
     processes: int = Field(1, ge=1)
+    # who starts ranks 1..N-1: torchrun (processes on this machine), or Ray actors anywhere on the cluster
+    # that form the group with this process as rank 0; auto: Ray when the rollouts run on Ray actors
+    launcher: Literal["auto", "torchrun", "ray"] = "auto"
 
 
 class TrainConfig(Placed):

@@ -1,7 +1,7 @@
-"""The data-parallel learner (asympo.distributed) on 2 CPU ranks with gloo, for real under torchrun: a step
-equals the one-process step on the same batch; a rank killed with SIGKILL ends the run with one line, its
-last checkpoint intact, and the resumed run learns and writes a consolidated final/; the async runtimes run
-beside the ranks."""
+"""The data-parallel learner (asympo.distributed) on 2 CPU ranks with gloo, for real (torchrun; Ray actors):
+a step equals the one-process step on the same batch; a rank killed with SIGKILL (a torchrun process or a Ray
+actor) ends the run with one line, its last checkpoint intact, and the resumed run learns and writes a
+consolidated final/; the async runtimes run beside the ranks."""
 
 from __future__ import annotations
 
@@ -158,15 +158,13 @@ def test_a_killed_rank_ends_the_run_and_resume_continues_from_the_last_checkpoin
     assert trained == sorted(set(trained)) and trained[-1] == 29 and step in trained
 
 
-@pytest.mark.parametrize("backend", ["local", "ray"])
-def test_the_async_runtimes_run_beside_two_learner_ranks(tmp_path, backend):
-    """Rank 0 runs the async runtime (worker processes, or Ray actors on a local Ray it starts) while both
-    ranks train; every step publishes a version the workers then generate with."""
-    extra = ["runtime.ray_num_cpus=2"] if backend == "ray" else []
+def test_the_async_runtime_runs_beside_two_learner_ranks(tmp_path):
+    """Rank 0 runs the async runtime with worker processes while both torchrun ranks train; every step
+    publishes a version the workers then generate with."""
     args = ["steps=6", "eval_every=0", "checkpoint_every=0", "save_model=false"]
     done = subprocess.run(
         [sys.executable, "-m", "asympo", "train", "learner.processes=2", f"out={tmp_path}", *SMALL, *args]
-        + ["runtime.mode=async", f"runtime.backend={backend}", *extra],
+        + ["runtime.mode=async", "runtime.backend=local"],
         capture_output=True,
         text=True,
         timeout=600,
@@ -174,10 +172,64 @@ def test_the_async_runtimes_run_beside_two_learner_ranks(tmp_path, backend):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((tmp_path / "result.json").read_text())["version"] == 6
-    steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    trained = [m for m in steps if "reward" in m]
+    trained = [m for m in metrics(tmp_path) if "reward" in m]
     assert [m["step"] for m in trained] == list(range(6))
     assert max(m["version"] for m in trained) == 6 and all("staleness_hist" in m for m in trained)
+
+
+def ray_follower_pids() -> list[int]:
+    """Processes Ray titled after the follower actor's method (this machine runs one such run at a time)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::LearnerRank"):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_ray_learner_ranks_beside_ray_rollout_actors_end_on_a_dead_rank_and_resume(tmp_path):
+    """runtime.backend=ray: rank 1 is a Ray actor beside the rollout actors (launcher auto). SIGKILL of it
+    after the step-4 checkpoint ends the run with one line; the resumed run goes on to step 8."""
+    ray_args = ["runtime.mode=async", "runtime.backend=ray", "runtime.ray_num_cpus=2", "learner.processes=2"]
+    args = [*SMALL, *ray_args, "eval_every=0", "checkpoint_every=2", "save_model=false"]
+    command = [sys.executable, "-m", "asympo", "train", f"out={tmp_path}", *args]
+    run = subprocess.Popen([*command, "steps=40"], stderr=subprocess.PIPE, text=True, env=ENV)
+    latest = tmp_path / "checkpoints" / "latest"
+    deadline = time.monotonic() + 300
+    while (
+        not (latest.exists() and latest.read_text().strip() >= "step-000004") and time.monotonic() < deadline
+    ):
+        assert run.poll() is None, run.communicate()[1][-3000:]
+        time.sleep(0.5)
+    victims = ray_follower_pids()
+    assert len(victims) == 1
+    os.kill(victims[0], signal.SIGKILL)
+    _, stderr = run.communicate(timeout=300)
+    assert "ranks 1-1 Ray actors" in stderr
+    assert run.returncode == 1, stderr[-3000:]
+    assert (
+        stderr.strip()
+        .splitlines()[-1]
+        .startswith("asympo: run stopped: a learner rank failed (rank 1, a Ray actor")
+    )
+    kept = tmp_path / "checkpoints" / latest.read_text().strip()
+    assert (kept / "shards" / ".metadata").exists()
+    step = json.loads((kept / "state.json").read_text())["train"]["step"]
+
+    resumed = subprocess.run(
+        [*command, "steps=8", "resume=true"], capture_output=True, text=True, timeout=300, env=ENV
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((tmp_path / "result.json").read_text())["version"] == 8
+    trained = [m["step"] for m in metrics(tmp_path) if "reward" in m]
+    assert trained == sorted(set(trained)) and trained[-1] == 7 and step in trained
+    assert not ray_follower_pids()  # the run's end took its actors with it
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_what_the_ranks_cannot_do_yet_is_a_one_line_error(tmp_path):
@@ -190,3 +242,20 @@ def test_what_the_ranks_cannot_do_yet_is_a_one_line_error(tmp_path):
     )
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0
     assert "lora.rank > 0 is not supported yet" in done.stderr
+
+
+def test_ray_ranks_the_cluster_cannot_place_are_a_one_line_error(tmp_path):
+    """3 ranks (2 Ray followers) and one rollout actor on a local Ray of 2 CPUs would wait forever."""
+    done = subprocess.run(
+        [sys.executable, "-m", "asympo", "train", "learner.processes=3", f"out={tmp_path}", *SMALL]
+        + ["runtime.mode=async", "runtime.backend=ray", "runtime.ray_num_cpus=2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=ENV,
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert (
+        "needs 2 CPU(s) for the followers and 1 for the rollout actors"
+        in done.stderr.strip().splitlines()[-1]
+    )
