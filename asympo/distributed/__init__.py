@@ -1,4 +1,4 @@
-"""The data-parallel learner: N ranks (torchrun, or Ray actors), the model sharded with FSDP2, rank 0 driving the run.
+"""The data-parallel learner: N ranks (torchrun or Ray actors), the model sharded by FSDP2, rank 0 driving it.
 
 Rank 0 runs the whole `asympo train` loop (rollouts, rewards, evaluation, metrics, checkpoints) with a
 `ShardedLearner`; every other rank only follows it, running the learner's collective parts (steps, weight
