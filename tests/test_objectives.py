@@ -72,12 +72,31 @@ REF_AGGREGATION = {
     "cispo": "token",
     "tis": "response",
     "decoupled_ppo": "response",
+    "m2po": "token",
 }
+
+
+def m2po_dropped(cfg: ObjectiveConfig) -> set[tuple[int, int]]:
+    """The (response, token) pairs M2PO masks in the fixed batch: largest (log rho)^2 first, until the
+    mean of the rest is at most the threshold."""
+    squares = {
+        (i, t): (x - y) ** 2
+        for i, (lp, b) in enumerate(zip(LP, BEH, strict=True))
+        for t, (x, y) in enumerate(zip(lp, b, strict=True))
+    }
+    dropped: set[tuple[int, int]] = set()
+    for key in sorted(squares, key=squares.get, reverse=True):
+        rest = [v for k, v in squares.items() if k not in dropped]
+        if sum(rest) / len(rest) <= cfg.m2po_threshold:
+            break
+        dropped.add(key)
+    return dropped
 
 
 def reference_loss(name: str, cfg: ObjectiveConfig) -> float:
     """Each objective written out token by token with Python floats."""
     rows = []
+    dropped = m2po_dropped(cfg)
     for lp, b, p, a in zip(LP, BEH, PROX, ADV, strict=True):
         n, lbar = len(lp), -sum(lp) / len(lp)
         rho = [math.exp(x - y) for x, y in zip(lp, b, strict=True)]
@@ -96,6 +115,9 @@ def reference_loss(name: str, cfg: ObjectiveConfig) -> float:
         elif name == "gspo":
             s = math.exp(sum(x - y for x, y in zip(lp, b, strict=True)) / n)
             row = [-min(s * a, clip(s, 1 - cfg.gspo_eps, 1 + cfg.gspo_eps) * a)] * n
+        elif name == "m2po":
+            i = len(rows)
+            row = [0.0 if (i, t) in dropped else -r * a for t, r in enumerate(rho)]
         elif name in ("cispo", "tis"):
             cap = 1 + cfg.clip_eps_high if name == "cispo" else cfg.tis_cap
             row = [-min(r, cap) * a * x for r, x in zip(rho, lp, strict=True)]
@@ -133,11 +155,41 @@ def test_clip_branches_are_exercised():
     assert metrics["cispo"]["clip_frac"] == pytest.approx(2 / 8)  # rho 2.46 and 1.35 above 1.28
     assert metrics["tis"]["clip_frac"] == pytest.approx(1 / 8)
     assert metrics["gspo"]["clip_frac"] == pytest.approx(2 / 4)
+    assert metrics["m2po"]["clip_frac"] == pytest.approx(1 / 8)  # (log rho)^2: 0.81 goes, 0.27 / 7 <= 0.04
+    assert metrics["m2po"]["m2"] == pytest.approx(1.08 / 8) and metrics["m2po"]["m2_kept"] == pytest.approx(
+        0.27 / 7
+    )
     assert metrics["decoupled_ppo"]["clip_frac"] == pytest.approx(1 / 8)
     rhos = [math.exp(x - y) for lp, b in zip(LP, BEH, strict=True) for x, y in zip(lp, b, strict=True)]
     assert metrics["grpo"]["ratio_mean"] == pytest.approx(sum(rhos) / 8)
     kl = sum(y - x for lp, b in zip(LP, BEH, strict=True) for x, y in zip(lp, b, strict=True)) / 8
     assert metrics["grpo"]["behaviour_kl"] == pytest.approx(kl)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("threshold", [0.04, 0.5])
+def test_m2po_masks_the_fewest_largest_tokens_that_bring_the_second_moment_under_the_threshold(
+    seed, threshold
+):
+    """M2PO's defining property: over the tokens kept, mean (log rho)^2 <= threshold; the dropped ones are
+    the largest, and keeping one more of them would break the bound."""
+    from asympo.objectives.behaviour import m2po_keep
+
+    g = torch.Generator().manual_seed(seed)
+    log_ratio = torch.randn(6, 20, generator=g, dtype=F64) * 0.4
+    mask = torch.arange(20)[None, :] < torch.randint(5, 21, (6, 1), generator=g)
+    keep = m2po_keep(log_ratio, mask, threshold)
+    squared = log_ratio.square()
+    assert not (keep & ~mask).any()  # padding is never kept
+    kept, dropped = squared[keep], squared[mask & ~keep]
+    if threshold >= squared[mask].mean():  # 0.5: already under the bound (the batch's is about 0.16)
+        assert dropped.numel() == 0
+        return
+    assert dropped.numel() > 0 and kept.mean() <= threshold
+    assert dropped.min() >= kept.max()  # the outliers go, nothing else
+    one_more = torch.cat([kept, dropped.min()[None]])
+    assert one_more.mean() > threshold  # as few as possible
+    assert compute_loss(make_inputs(), ObjectiveConfig(name="m2po", m2po_threshold=1.0))[1]["clip_frac"] == 0
 
 
 # --- ASymPO ------------------------------------------------------------------------------------------

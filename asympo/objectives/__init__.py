@@ -67,6 +67,7 @@ OBJECTIVES: dict[str, Objective] = {
         _entry(behaviour, "gspo", "group_norm", "response"),
         _entry(behaviour, "cispo", "group_norm", "token"),
         _entry(behaviour, "tis", "group_norm", "response"),
+        _entry(behaviour, "m2po", "group_norm", "token"),
         _entry(behaviour, "decoupled_ppo", "group_norm", "response", proximal=True),
     )
 }

@@ -86,6 +86,40 @@ def tis(inputs: LossInputs, cfg: ObjectiveConfig) -> tuple[Tensor, Tensor]:
     return _weighted_logprob(inputs, cfg, _token_ratio(inputs).clamp(max=cfg.tis_cap), "response")
 
 
+def m2po_keep(log_ratio: Tensor, mask: Tensor, threshold: float) -> Tensor:
+    """M2PO's token mask [B, T]: drop the response tokens with the largest (log rho)^2, as few as possible,
+    so that the mean (log rho)^2 over the tokens kept is at most `threshold`. Padding is never kept."""
+    squared = log_ratio.detach().float().square()
+    keep = mask.clone()
+    values = squared[mask]
+    if values.numel() == 0 or values.mean() <= threshold:
+        return keep
+    order = values.argsort(descending=True)
+    # mean of what is left after dropping the j largest, for j = 0 .. n-1
+    dropped = torch.cat([values.new_zeros(1), values[order].cumsum(0)[:-1]])
+    left = torch.arange(values.numel(), 0, -1, device=values.device, dtype=values.dtype)
+    fits = ((values.sum() - dropped) / left <= threshold).nonzero()
+    drop = int(fits[0]) if fits.numel() else values.numel() - 1  # always keeps one token at least
+    kept = torch.ones_like(values, dtype=torch.bool)
+    kept[order[:drop]] = False
+    keep[mask] = kept
+    return keep
+
+
+def m2po(inputs: LossInputs, cfg: ObjectiveConfig) -> tuple[Tensor, Tensor]:
+    """M2PO (arXiv 2510.01161): -rho A on the tokens m2po_keep leaves, no clip; token-level mean.
+
+    Instead of clipping each ratio, it bounds the second moment of the log ratios of the tokens it trains
+    on, so only the extreme outliers lose their gradient. The mask is computed over the tokens the loss
+    sees at once (the micro-batch: the whole batch unless optim.micro_batch_size is smaller)."""
+    log_ratio = current_logprobs(inputs) - fixed_logprobs(inputs, "behaviour")
+    keep = m2po_keep(log_ratio, inputs.mask, cfg.m2po_threshold)
+    token_loss = -torch.exp(log_ratio) * advantages(inputs)[:, None]
+    return aggregate(
+        torch.where(keep, token_loss, torch.zeros_like(token_loss)), inputs, cfg.aggregation or "token"
+    )
+
+
 def _decoupled_parts(inputs: LossInputs, cfg: ObjectiveConfig) -> tuple[Tensor, Tensor]:
     """(r = pi_theta / pi_prox, w = sg(min(pi_prox / pi_behav, cap))), both [B, T]."""
     proximal = fixed_logprobs(inputs, "proximal")
@@ -140,6 +174,15 @@ def cispo_diagnostics(inputs: LossInputs, cfg: ObjectiveConfig) -> dict[str, Ten
 
 def tis_diagnostics(inputs: LossInputs, cfg: ObjectiveConfig) -> dict[str, Tensor]:
     return _truncation_diagnostics(inputs, cfg.tis_cap)
+
+
+def m2po_diagnostics(inputs: LossInputs, cfg: ObjectiveConfig) -> dict[str, Tensor]:
+    """clip_frac: the share of response tokens masked; m2 / m2_kept: mean (log rho)^2 before and after."""
+    log_ratio = current_logprobs(inputs) - fixed_logprobs(inputs, "behaviour")
+    keep = m2po_keep(log_ratio, inputs.mask, cfg.m2po_threshold)
+    squared = log_ratio.square()
+    stats = _ratio_stats(inputs, torch.exp(log_ratio), inputs.mask & ~keep)
+    return stats | {"m2": token_mean(squared, inputs.mask), "m2_kept": token_mean(squared, keep)}
 
 
 def decoupled_ppo_diagnostics(inputs: LossInputs, cfg: ObjectiveConfig) -> dict[str, Tensor]:

@@ -69,6 +69,7 @@ class ObjectiveConfig(BaseModel):
     clip_eps_high: float = Field(0.28, gt=0)  # dapo / cispo upper clip
     gspo_eps: float = Field(3e-4, gt=0, lt=1)  # gspo uses sequence-level ratios, so a small clip
     tis_cap: float = Field(2.0, gt=0)  # tis: truncation of the importance weight
+    m2po_threshold: float = Field(0.04, gt=0)  # m2po: bound on the mean (log rho)^2 of the tokens kept
     behaviour_weight_cap: float = Field(5.0, gt=0)  # decoupled_ppo: cap on pi_prox / pi_behav
     # KL penalty to a frozen reference policy (the initial weights), as in the original GRPO recipe: the loss
     # gains kl_coef x the token mean of the estimator; 0 skips the reference and its forward pass entirely
