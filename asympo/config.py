@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from asympo.data.prompts import PromptConfig
 from asympo.data.tasks import TaskConfig
@@ -108,6 +108,12 @@ class OptimConfig(Strict):
     warmup_steps: int = Field(20, ge=0)  # linear lr warmup: Adam's first updates are sign-like and large
     grad_clip: float = Field(1.0, gt=0)  # the same for every objective, so comparisons stay fair
     micro_batch_size: int = Field(128, ge=1)  # responses per forward/backward; groups are never split
+    # optimiser updates per rollout batch, each on its share of the groups (never split); verl's
+    # ppo_mini_batch_size, TRL's steps_per_generation. A version is one update, so a batch moves it this far
+    minibatches: int = Field(1, ge=1)
+    epochs: int = Field(
+        1, ge=1
+    )  # passes over the batch's mini-batches (verl's ppo_epochs, TRL's num_iterations)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
 
 
@@ -198,6 +204,15 @@ class TrainConfig(Placed):
     save_model: bool = True  # write the trained model to out/final
     checkpoint_every: int = Field(50, ge=0)  # steps between checkpoints, and at the end (0: on a signal only)
     resume: bool = False  # continue from the newest checkpoint in out/checkpoints
+
+    @model_validator(mode="after")
+    def _minibatches_fit(self) -> TrainConfig:
+        if self.optim.minibatches > self.rollout.prompts_per_step:
+            raise ValueError(
+                f"optim.minibatches={self.optim.minibatches} is more than the batch's "
+                f"{self.rollout.prompts_per_step} groups (rollout.prompts_per_step): groups are never split"
+            )
+        return self
 
 
 class SFTConfig(Placed):

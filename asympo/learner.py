@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 
 import torch
 from transformers import PreTrainedModel
 
-from asympo.batch import TrainBatch, micro_batches
+from asympo.batch import TrainBatch, micro_batches, minibatches
 from asympo.config import LoraConfig, OptimConfig
 from asympo.logprobs import token_logprobs, token_logprobs_entropy
 from asympo.models.device import CPU_FP32, Placement, engine_copy
@@ -75,6 +76,22 @@ def publishable_weights(model: torch.nn.Module, dtype: torch.dtype | None = None
         for name, t in state.items()
         if name not in aliases
     }
+
+
+def combine_updates(updates: list[dict[str, float]]) -> dict[str, float]:
+    """One batch's metrics from its updates'; a single update's come back as they are."""
+    if len(updates) == 1:
+        return updates[0]
+    out: dict[str, float] = {}
+    for key in {k for u in updates for k in u}:
+        values = [u[key] for u in updates if key in u]
+        if key in ("lr", "skipped_steps"):
+            out[key] = values[-1]
+        elif key.endswith("_time"):
+            out[key] = sum(values)
+        else:
+            out[key] = sum(values) / len(values)
+    return out | {"updates": len(updates)}
 
 
 class Learner:
@@ -211,6 +228,20 @@ class Learner:
             grad_norm=grad_norm, skipped_steps=self.skipped_steps, learn_time=time.perf_counter() - start
         )
         return metrics
+
+    def updates(self, batch: TrainBatch, on_update: Callable[[int], None] | None = None) -> dict[str, float]:
+        """optim.epochs passes over optim.minibatches mini-batches of the batch, one `step` (optimiser update)
+        each; `on_update(version)` after every update but the last (the lag runtime keeps each version).
+        Metrics are the updates' means, except the times (summed), lr and the counters (the last)."""
+        parts = minibatches(batch, self.optim_cfg.minibatches)
+        done: list[dict[str, float]] = []
+        for epoch in range(self.optim_cfg.epochs):
+            for index, part in enumerate(parts):
+                done.append(self.step(part))
+                last = epoch == self.optim_cfg.epochs - 1 and index == len(parts) - 1
+                if on_update is not None and not last:
+                    on_update(self.version)
+        return combine_updates(done)
 
     def logprobs(self, mb: TrainBatch, model: torch.nn.Module | None = None) -> torch.Tensor:
         """Float32 log-probs of the response tokens (the policy's, or `model`'s), in the placement's dtype."""

@@ -221,7 +221,13 @@ class Trainer:
                     batch = make_batch(samples, self.tokenizer.pad_token_id, advantage_method(cfg.objective))
                     if cfg.rollout.overlong_filter:  # truncated responses leave the loss, after advantages
                         rollout_stats["truncated_filtered"] = filter_truncated(batch, samples)
-                    stats = rollout_metrics(samples, learner.version) | rollout_stats | learner.step(batch)
+                    # lag mode keeps every update's version: a rollout k versions back may come from any
+                    keep = self.publish if isinstance(self.runtime, LagRuntime) else None
+                    stats = (
+                        rollout_metrics(samples, learner.version)
+                        | rollout_stats
+                        | learner.updates(batch, keep)
+                    )
                     self.publish(learner.version)
                     if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
                         stats |= {f"test_{k}": v for k, v in self.evaluate().items()}

@@ -40,6 +40,7 @@ def test_yaml_then_overrides_dotted_leaf_and_section_shorthand(tmp_path):
         (["runtime.mode=warp"], "config runtime.mode"),
         (["objective=nonsense"], "nonsense"),
         (["seedless"], "not of the form key=value"),
+        (["optim.minibatches=9", "rollout.prompts_per_step=8"], "groups are never split"),
     ],
 )
 def test_bad_values_give_one_line_naming_the_key(overrides, message):
