@@ -259,11 +259,25 @@ class StudyConfig(Strict):
     lags: list[int] = [0, 2, 4, 8]
     lrs: list[float] = [3e-5, 1e-4, 3e-4]  # each objective's lr is chosen per k on the validation set
     seeds: list[int] = [0, 1, 2]
+    # optimiser updates per batch (optim.minibatches); above 1 an objective's arm is named `name@mbN`
+    minibatches: list[int] = Field([1], min_length=1)
     collapse_drop: float = Field(0.5, gt=0, lt=1)  # collapsed: final accuracy < collapse_drop * initial
     workers: int = Field(2, ge=1)  # cells run side by side in separate processes
     threads_per_worker: int = Field(1, ge=1)
     out: str = "runs/study"
     progress: bool = True
+
+    @property
+    def arms(self) -> list[str]:
+        """What the tables compare: each objective at each minibatches setting (`grpo@mb4`)."""
+        return [o if m == 1 else f"{o}@mb{m}" for m in self.minibatches for o in self.objectives]
+
+    @field_validator("minibatches")
+    @classmethod
+    def _update_counts(cls, counts: list[int]) -> list[int]:
+        if min(counts) < 1 or len(set(counts)) < len(counts):
+            raise ValueError("minibatches must be distinct counts >= 1")
+        return counts
 
     @field_validator("objectives")
     @classmethod

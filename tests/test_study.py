@@ -116,14 +116,20 @@ def test_the_lr_is_chosen_on_validation_never_on_test(study_out):
 
 
 def test_rerun_resumes_finished_cells_and_runs_only_new_ones(study_out):
+    """A minibatches axis added later: the finished one-update cells stay, the two-update arms run."""
     before = {p: p.stat().st_mtime_ns for p in (study_out / "cells").glob("*/result.json")}
-    result = study(study_out, "objectives=[pg,asympo:group,spo]")
+    result = study(study_out, "minibatches=[1,2]", "lrs=[1e-4]")
     assert result.returncode == 0, result.stderr
-    assert "4 of 6 cells already done, running 2" in result.stdout + result.stderr
+    assert "2 of 4 cells already done, running 2" in result.stdout + result.stderr
     after = {p: p.stat().st_mtime_ns for p in (study_out / "cells").glob("*/result.json")}
     assert {p: after[p] for p in before} == before  # finished cells were not run again
     assert len(after) == 6
-    assert {r["objective"] for r in _read_csv(study_out / "results.csv")} == {"pg", "asympo:group", "spo"}
+    arms = {r["objective"] for r in _read_csv(study_out / "results.csv")}
+    assert arms == {"pg", "asympo:group", "pg@mb2", "asympo:group@mb2"}
+    config = json.loads((study_out / "cells" / "pg-mb2-k1-lr0.0001-s0" / "config.json").read_text())
+    assert config["optim"]["minibatches"] == 2
+    cell, _ = _cell(study_out, "pg-mb2-k1-lr0.0001-s0")
+    assert cell["version"] == 8  # 4 batches of 2 updates
 
 
 def test_study_config_keeps_base_defaults_and_rejects_bad_grids():
@@ -141,6 +147,8 @@ def test_study_config_keeps_base_defaults_and_rejects_bad_grids():
         ("objectives=[pg,pg]", "twice"),
         ("lrs=[0]", "lrs"),
         ("lrs=[]", "lrs"),
+        ("minibatches=[0]", "minibatches"),
+        ("minibatches=[2,2]", "minibatches"),
     ]:
         with pytest.raises(UserError, match=message):
             build_config(StudyConfig, None, [bad])

@@ -15,23 +15,25 @@ from asympo.metrics import console, progress_bar
 
 @dataclass(frozen=True)
 class Cell:
-    objective: str  # as in the grid, e.g. "grpo" or "grpo:learner"
+    objective: str  # the arm, as in the grid: "grpo", "grpo:learner", "grpo@mb4"
     lag: int
     lr: float
     seed: int
 
     @property
     def name(self) -> str:
-        return f"{self.objective.replace(':', '-')}-k{self.lag}-lr{self.lr:g}-s{self.seed}"
+        arm = self.objective.replace(":", "-").replace("@", "-")
+        return f"{arm}-k{self.lag}-lr{self.lr:g}-s{self.seed}"
 
 
 def cells_of(cfg: StudyConfig) -> list[Cell]:
     """Seed by seed: a study stopped part-way already holds whole grids of the first seeds."""
-    return [Cell(o, k, lr, s) for s in cfg.seeds for k in cfg.lags for o in cfg.objectives for lr in cfg.lrs]
+    return [Cell(o, k, lr, s) for s in cfg.seeds for k in cfg.lags for o in cfg.arms for lr in cfg.lrs]
 
 
 def cell_config(cfg: StudyConfig, cell: Cell, folder: Path) -> TrainConfig:
-    name, *variants = cell.objective.split(":")
+    entry, _, minibatches = cell.objective.partition("@mb")
+    name, *variants = entry.split(":")
     data = cfg.base.model_dump()
     data["objective"]["name"] = name
     for variant in variants:
@@ -39,6 +41,7 @@ def cell_config(cfg: StudyConfig, cell: Cell, folder: Path) -> TrainConfig:
             data[section] |= values
     data["runtime"] = {"mode": "lag", "lag": cell.lag}
     data["optim"]["lr"] = cell.lr
+    data["optim"]["minibatches"] = int(minibatches or 1)
     data |= {"seed": cell.seed, "out": str(folder), "progress": False}
     return TrainConfig.model_validate(data)
 

@@ -59,11 +59,11 @@ def _panels(
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(cfg.lags), figsize=(4.2 * len(cfg.lags), 3.6), sharey=True, squeeze=False)
-    colours = {o: f"C{i}" for i, o in enumerate(cfg.objectives)}
+    colours = {o: f"C{i}" for i, o in enumerate(cfg.arms)}
     for metric, style in metrics:
         series = _series(cfg, out, metric, picks)
         for ax, k in zip(axes[0], cfg.lags, strict=True):
-            for objective in cfg.objectives:
+            for objective in cfg.arms:
                 x, y = series[(objective, k)]
                 if window > 1 and len(y) >= window:
                     y, x = smooth(list(y), window), x[window - 1 :]
@@ -89,7 +89,7 @@ def lr_plot(cfg: StudyConfig, table: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(cfg.lags), figsize=(4.2 * len(cfg.lags), 3.6), sharey=True, squeeze=False)
     for ax, k in zip(axes[0], cfg.lags, strict=True):
-        for i, objective in enumerate(cfg.objectives):
+        for i, objective in enumerate(cfg.arms):
             rows = [r for r in table if (r["objective"], r["k"]) == (objective, k)]
             lrs, finals = [r["lr"] for r in rows], [r["final_mean"] for r in rows]
             ax.plot(lrs, finals, "o-", color=f"C{i}", label=objective)
@@ -107,7 +107,7 @@ def lr_plot(cfg: StudyConfig, table: list[dict], path: Path) -> None:
 def write_plots(cfg: StudyConfig, out: Path, table: list[dict], picks: Picks) -> list[Path]:
     """`picks` chooses each line's lr; without one (no validation set) the base lr, else the first."""
     fallback = cfg.base.optim.lr if cfg.base.optim.lr in cfg.lrs else cfg.lrs[0]
-    picks = {(o, k): picks.get((o, k), fallback) for o in cfg.objectives for k in cfg.lags}
+    picks = {(o, k): picks.get((o, k), fallback) for o in cfg.arms for k in cfg.lags}
     plots = [
         ([("test_accuracy", "-")], "held-out accuracy (sampled pass@1)", "accuracy.png", 1),
         ([("reward", "-")], "training reward (10-step mean)", "reward.png", 10),

@@ -59,7 +59,7 @@ def summarise(cfg: StudyConfig, out: Path) -> tuple[list[dict], list[dict]]:
     cells = [cell_summary(cfg, c, *load_cell(out / "cells" / c.name)) for c in cells_of(cfg)]
     table = []
     for k in cfg.lags:
-        for objective in cfg.objectives:
+        for objective in cfg.arms:
             for lr in cfg.lrs:
                 rows = [r for r in cells if (r["objective"], r["k"], r["lr"]) == (objective, k, lr)]
                 final = [r["final_accuracy"] for r in rows]
@@ -99,7 +99,7 @@ def tuned_rows(cfg: StudyConfig, table: list[dict]) -> list[dict]:
     by_key = {(r["objective"], r["k"], r["lr"]): r for r in table}
     rows = []
     for k in cfg.lags:
-        for objective in cfg.objectives:
+        for objective in cfg.arms:
             default = by_key.get((objective, k, default_lr))
             lr = chosen.get((objective, k))
             pick = by_key.get((objective, k, lr)) if lr is not None else None
