@@ -76,13 +76,13 @@ def micro_batches(batch: TrainBatch, size: int) -> list[TrainBatch]:
 
 
 def minibatches(batch: TrainBatch, count: int) -> list[TrainBatch]:
-    """Split into `count` mini-batches of whole groups, as equal in groups as they can be, in group order.
+    """Split into `count` mini-batches of whole groups, as equal in groups as they can be, in group order;
+    a batch of fewer groups (dynamic sampling can end short) gives one per group.
 
     Each is one optimiser update: its advantages are the batch's (computed over whole groups already)."""
     groups = batch.group_ids.unique(sorted=True).tolist()
+    count = min(count, len(groups))
     if count <= 1:
         return [batch]
-    if count > len(groups):
-        raise ValueError(f"{count} mini-batches asked of a batch of {len(groups)} groups")
     parts = [groups[i * len(groups) // count : (i + 1) * len(groups) // count] for i in range(count)]
     return [batch.select(torch.isin(batch.group_ids, torch.tensor(part)).nonzero()[:, 0]) for part in parts]
