@@ -1,6 +1,8 @@
 """Where an objective's staleness behaviour comes from, read back from a study's cells: per (arm, k, lr),
 means over seeds of each cell's per-step diagnostics (all steps, and the last third), and how often the
-gradient norm hit the clip. Usage: python benchmarks/study_mechanism.py runs/study [k=4] [lr=1e-4]"""
+gradient norm hit the clip.
+
+Usage: python benchmarks/study_mechanism.py runs/study [k=4] [lr=1e-4] [seeds=0,1]"""
 
 from __future__ import annotations
 
@@ -53,6 +55,8 @@ def main(study: Path, filters: dict[str, str]) -> None:
             continue
         k, lr = int(match["k"]), float(match["lr"])
         if ("k" in filters and k != int(filters["k"])) or ("lr" in filters and lr != float(filters["lr"])):
+            continue
+        if "seeds" in filters and match["seed"] not in filters["seeds"].split(","):
             continue
         rows[(match["arm"], k, lr)].append(cell_means(folder, clip))
     shown = [
