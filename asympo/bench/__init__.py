@@ -49,6 +49,7 @@ class BenchConfig(BaseModel):
     engines_rounds: int = Field(2, ge=1)  # alternating rounds of asympo's engine and vLLM; the best counts
     vllm_python: str = ""  # the vLLM environment's interpreter; empty: ./.venv-vllm/bin/python
     vllm_eager: bool = False  # false: vLLM compiles its graphs at start (its fastest decode)
+    engines_learning_steps: int = Field(40, ge=0)  # engines: a tiny-model run with each engine; 0: none
     seed: int = 0
     out: str = "runs/bench"
 
@@ -76,6 +77,8 @@ def shrink(cfg: BenchConfig) -> BenchConfig:
             learner_repeats=1,
             runtime_steps=2,
             runtime_repeats=1,
+            engines_rounds=1,
+            engines_learning_steps=min(cfg.engines_learning_steps, 2),
         )
     )
 
@@ -232,7 +235,7 @@ def bench_precision(cfg: BenchConfig, name: str, model, tokenizer, say) -> tuple
 
 
 def bench_engines(cfg: BenchConfig, name: str, model, tokenizer, out: Path, say) -> tuple[dict, list[Row]]:
-    from asympo.bench.engines import asympo_vs_vllm
+    from asympo.bench.engines import asympo_vs_vllm, learning_runs, vllm_python
 
     tiny = name.startswith("tiny")
     placement = cfg_placement(cfg, model)
@@ -259,7 +262,17 @@ def bench_engines(cfg: BenchConfig, name: str, model, tokenizer, out: Path, say)
         say,
     )
     measure = f"rollout useful tok/s: asympo engine vs vLLM ({r['dtype']})"
-    return r, [row(measure, r["asympo"], r["vllm"], 1, f"{r['ratio']:.2f}x", ">= 0.8x")]
+    rows = [row(measure, r["asympo"], r["vllm"], 1, f"{r['ratio']:.2f}x", ">= 0.8x")]
+    if cfg.engines_learning_steps:
+        steps = cfg.engines_learning_steps
+        learned = learning_runs(vllm_python(cfg.vllm_python), steps, cfg.seed, out, say)
+        r["learning"] = learned
+        gain = {engine: x["after"] - x["before"] for engine, x in learned.items()}
+        measure = f"held-out accuracy gain, tiny, {steps} lag steps: asympo engine vs vLLM"
+        rows.append(
+            row(measure, gain["hf"], gain["vllm"], 3, f"{gain['hf'] - gain['vllm']:+.3f}", "same sign")
+        )
+    return r, rows
 
 
 def bench_lora(cfg: BenchConfig, name: str, say) -> tuple[dict, list[Row]]:

@@ -159,3 +159,38 @@ def asympo_vs_vllm(
         "dtype": dtype,
         "vllm_eager": eager,
     }
+
+
+def learning_runs(interpreter: Path, steps: int, seed: int, out: Path, say=print) -> dict:
+    """A short lag-mode run of the tiny model with each engine, both in vLLM's environment (same asympo,
+    task, seed and objective; only the engine differs, so the samples do): held-out accuracy should move
+    the same way. Returns each engine's accuracy before and after and its wall time."""
+    results = {}
+    for engine in ("hf", "vllm"):
+        folder = out / f"learning-{engine}"
+        command = [
+            str(interpreter),
+            "-m",
+            "asympo",
+            "train",
+            "model=tiny",
+            "runtime.mode=lag",
+            "runtime.lag=1",
+        ]
+        command += [f"steps={steps}", f"rollout.engine={engine}", f"seed={seed}", f"out={folder}"]
+        command += ["progress=false", "save_model=false", "checkpoint_every=0", "eval_every=0"]
+        start = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"the {engine} learning run failed: {done.stderr.strip()[-2000:]}")
+        result = json.loads((folder / "result.json").read_text())
+        results[engine] = {
+            "before": result["accuracy_before"],
+            "after": result["accuracy_after"],
+            "wall_seconds": time.perf_counter() - start,
+        }
+        say(
+            f"  learning run, {engine:4s} engine: held-out accuracy {result['accuracy_before']:.1%} -> "
+            f"{result['accuracy_after']:.1%} in {steps} steps ({results[engine]['wall_seconds']:.0f} s wall)"
+        )
+    return results
