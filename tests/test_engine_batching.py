@@ -14,7 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from asympo.models.load import load_policy
 from asympo.rollout import batching
 from asympo.rollout.base import SamplingConfig
-from asympo.rollout.hf import HFEngine, draw
+from asympo.rollout.hf import HFEngine, draw, sample_tokens
 
 GREEDY = SamplingConfig(temperature=0, max_new_tokens=24)
 
@@ -212,3 +212,40 @@ def test_slot_cache_never_leaves_a_slot_with_nothing_to_attend_to():
     assert cache.end == 1 + 5  # the window holds slot 0's new prompt and 5 steps: slot 1's prompt is gone
     keys, values = cache.buffers[0]
     assert torch.isfinite(keys).all() and torch.isfinite(values).all()
+
+
+def reference_draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Inversion of the whole float64 CDF at the same uniforms `draw` takes from the generator."""
+    cdf = probs.double().cumsum(-1)
+    total = cdf[:, -1:]
+    u = torch.rand(total.shape, dtype=torch.float64, generator=generator) * total
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, u, right=True)[:, 0]
+
+
+@pytest.mark.parametrize(
+    "vocab", [49152, 1000, 997, 6]
+)  # blocks of 256 / 40; a prime vocabulary is one block
+def test_the_two_level_draw_inverts_the_same_cdf_as_one_float64_cumsum(vocab):
+    gen = torch.Generator().manual_seed(2)
+    weights = torch.randn(512, vocab, generator=gen).mul(4).exp()
+    weights[torch.rand(512, vocab, generator=gen) < 0.3] = 0.0  # zeros, whole zero blocks at the end
+    weights[:, vocab // 2 :] *= torch.rand(512, 1, generator=gen) < 0.5
+    weights[:, 0], weights[:, 1] = 0.0, 1.0  # no row is all zeros
+    tokens, total = draw(weights, torch.Generator().manual_seed(7), with_total=True)
+    assert torch.equal(tokens, reference_draw(weights, torch.Generator().manual_seed(7)))
+    assert (weights.gather(-1, tokens[:, None]) > 0).all()
+    torch.testing.assert_close(total, weights.double().sum(-1), rtol=1e-12, atol=0)
+
+
+def test_sampled_logprobs_are_the_temperature_scaled_log_softmax():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 5000, generator=gen) * 5
+    logits[:, :3] = float("-inf")  # banned
+    for temperature in (1.0, 0.6):
+        sampling = SamplingConfig(temperature=temperature)
+        tokens, lps = sample_tokens(logits, sampling, torch.Generator().manual_seed(1))
+        assert (tokens >= 3).all() and lps.dtype == torch.float32
+        expected = torch.log_softmax(logits / temperature, -1).gather(-1, tokens[:, None])[:, 0]
+        torch.testing.assert_close(lps, expected, atol=1e-5, rtol=0)
+        assert torch.isfinite(logits).sum() == 64 * 4997  # the caller's logits are left as they were

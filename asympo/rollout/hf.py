@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
+import math
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from asympo.rollout.base import Sample, SamplingConfig
 from asympo.rollout.batching import PrefillStash, Prompt, SlotCache
+from asympo.rollout.packed import PackedLinears
 
 # Once no prompt is waiting, finished rows leave the batch when they are this share of it: each compaction
 # copies the cache, each finished row left in costs a row of compute per step.
@@ -23,29 +26,60 @@ def sample_tokens(
     if sampling.temperature == 0:
         tokens = logits.argmax(-1)
         return tokens, torch.log_softmax(logits, -1).gather(-1, tokens[:, None])[:, 0]
-    logprobs = torch.log_softmax(logits / sampling.temperature, -1)
-    probs = logprobs.exp()
+    if sampling.temperature != 1:
+        logits = logits / sampling.temperature
     if sampling.top_p < 1.0:
+        logprobs = torch.log_softmax(logits, -1)
+        probs = logprobs.exp()
         sorted_probs, order = probs.sort(-1, descending=True)
         drop = sorted_probs.cumsum(-1) - sorted_probs >= sampling.top_p  # keep the smallest nucleus
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
-    tokens = draw(probs, generator)
-    return tokens, logprobs.gather(-1, tokens[:, None])[:, 0]
+        tokens = draw(probs, generator)
+        return tokens, logprobs.gather(-1, tokens[:, None])[:, 0]
+    # No nucleus: draw from exp(logits - max) as it is, and take the log-prob from the same weights' sum, so
+    # that no full-vocabulary log-softmax, normalisation or float64 copy is made.
+    peak = logits.amax(-1, keepdim=True)
+    weights = (logits - peak).exp_()
+    tokens, total = draw(weights, generator, with_total=True)
+    picked = logits.gather(-1, tokens[:, None]) - peak
+    return tokens, (picked[:, 0].double() - total.log()).float()
 
 
-def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One token per row, with probability proportional to `probs`, by inverting the CDF at a uniform draw.
+@functools.cache
+def block_size(vocab: int) -> int:
+    """A divisor of `vocab` near its square root (49152: 256): `draw` sums blocks of this many entries."""
+    small = max(d for d in range(1, math.isqrt(vocab) + 1) if vocab % d == 0)
+    return vocab // small
 
-    `torch.multinomial` draws one exponential per vocabulary entry (49k entries at batch 32: ~20 ms, 10-15% of
-    a SmolLM2 rollout on CPU); this draws one number per row. The CDF is summed in float64 and the draw stays
-    strictly below the total, so a token of probability 0 (banned, outside the nucleus) is never picked.
+
+def draw(
+    probs: torch.Tensor, generator: torch.Generator | None, with_total: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """One token per row, with probability proportional to `probs` (non-negative weights), by inverting the
+    CDF at one uniform draw per row; `with_total` also returns each row's sum of weights (float64).
+
+    `torch.multinomial` draws one exponential per vocabulary entry (49k entries at batch 32: ~20 ms, 10-15%
+    of a SmolLM2 rollout on CPU); this draws one number per row. The CDF is taken in two levels, both summed
+    in float64: over blocks of about sqrt(vocab) entries (block sums accumulated in float64 from the float32
+    weights), then within the block the draw fell in. That is the full float64 CDF up to rounding, without a
+    float64 copy and cumulative sum of the whole vocabulary. Each level's draw stays strictly below its
+    total, so a token of weight 0 (banned, outside the nucleus) is never picked.
     """
-    cdf = probs.double().cumsum(-1)
+    rows, vocab = probs.shape
+    block = block_size(vocab)
+    blocks = probs.contiguous().view(rows, vocab // block, block)
+    sums = blocks.sum(-1, dtype=torch.float64)
+    cdf = sums.cumsum(-1)
     total = cdf[:, -1:]
     # drawn on the generator's device (the CPU), so a seed gives the same draws whatever device decodes
     u = torch.rand(total.shape, dtype=torch.float64, generator=generator).to(cdf.device) * total
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, u, right=True)[:, 0]
+    which = torch.searchsorted(cdf, u, right=True)  # the block: cdf[which - 1] <= u < cdf[which]
+    before = torch.where(which > 0, cdf.gather(-1, (which - 1).clamp_min(0)), torch.zeros_like(u))
+    inner = blocks[torch.arange(rows, device=probs.device), which[:, 0]].double().cumsum(-1)
+    rest = torch.minimum(u - before, torch.nextafter(inner[:, -1:], torch.zeros_like(total)))
+    tokens = which[:, 0] * block + torch.searchsorted(inner, rest, right=True)[:, 0]
+    return (tokens, total[:, 0]) if with_total else tokens
 
 
 class HFEngine:
@@ -82,6 +116,8 @@ class HFEngine:
             for i in {tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.unk_token_id}
             if i is not None and i != self.eos_id
         ]
+        # bf16 on the CPU: linear layers multiply with weights reordered once, not on every call (packed.py)
+        self.packed = PackedLinears(model, rows_hint=max_batch)
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
         self.model.load_state_dict(state_dict, strict=False)
@@ -112,7 +148,6 @@ class HFEngine:
             groups.append(group)
         return groups
 
-    @torch.inference_mode()
     def generate_ids(
         self, prompts: list[list[int]], sampling: SamplingConfig, generator: torch.Generator | None = None
     ) -> tuple[list[list[int]], list[list[float]], list[str]]:
@@ -123,6 +158,12 @@ class HFEngine:
         are prefilled a batch at a time, ahead of need, and each distinct prompt once (see `PrefillStash`).
         Deterministic given the prompts, `max_batch` and the generator's state.
         """
+        with torch.inference_mode(), self.packed.active():
+            return self._generate_ids(prompts, sampling, generator)
+
+    def _generate_ids(
+        self, prompts: list[list[int]], sampling: SamplingConfig, generator: torch.Generator | None
+    ) -> tuple[list[list[int]], list[list[float]], list[str]]:
         prompts = [tuple(p) for p in prompts]
         total = len(prompts)
         responses: list[list[int]] = [[] for _ in range(total)]
