@@ -258,6 +258,9 @@ class StudyConfig(Strict):
     objectives: list[str] = ["pg", "spo", "asympo", "asympo:group", "grpo", "grpo:learner"]
     lags: list[int] = [0, 2, 4, 8]
     lrs: list[float] = [3e-5, 1e-4, 3e-4]  # each objective's lr is chosen per k on the validation set
+    # objective entry -> {k: lr}: that entry runs at one lr per k instead of every lr in `lrs` (an lr chosen
+    # by an earlier study); a k not listed takes the lr of the largest listed k below it (else the smallest)
+    lr_table: dict[str, dict[int, float]] = {}
     seeds: list[int] = [0, 1, 2]
     # optimiser updates per batch (optim.minibatches); above 1 an objective's arm is named `name@mbN`
     minibatches: list[int] = Field([1], min_length=1)
@@ -271,6 +274,14 @@ class StudyConfig(Strict):
     def arms(self) -> list[str]:
         """What the tables compare: each objective at each minibatches setting (`grpo@mb4`)."""
         return [o if m == 1 else f"{o}@mb{m}" for m in self.minibatches for o in self.objectives]
+
+    def lrs_for(self, arm: str, k: int) -> list[float]:
+        """The lrs an arm (`grpo:learner@mb4`) runs at staleness k: its lr_table entry's, else every lr."""
+        table = self.lr_table.get(arm.partition("@mb")[0])
+        if not table:
+            return self.lrs
+        below = [lag for lag in table if lag <= k]
+        return [table[max(below) if below else min(table)]]
 
     @field_validator("minibatches")
     @classmethod
@@ -304,6 +315,15 @@ class StudyConfig(Strict):
         if not lags or min(lags) < 0:
             raise ValueError("lags must be a non-empty list of integers >= 0")
         return lags
+
+    @model_validator(mode="after")
+    def _lr_table_entries(self) -> StudyConfig:
+        for entry, table in self.lr_table.items():
+            if entry not in self.objectives:
+                raise ValueError(f"lr_table names '{entry}', which is not in objectives")
+            if not table or min(table.values()) <= 0 or min(table) < 0:
+                raise ValueError(f"lr_table['{entry}'] must map staleness k >= 0 to learning rates > 0")
+        return self
 
     @field_validator("lrs")
     @classmethod

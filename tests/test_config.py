@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 from pydantic import BaseModel
 
-from asympo.config import TrainConfig, build_config
+from asympo.config import StudyConfig, TrainConfig, build_config, preset_names
 from asympo.errors import UserError
 
 
@@ -76,3 +76,10 @@ def test_bad_files(tmp_path, text, message):
         build_config(TrainConfig, path)
     with pytest.raises(UserError, match="not found"):
         build_config(TrainConfig, tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_every_preset_loads_as_its_command_config(name):
+    """A shipped preset that no longer validates would fail only when a user runs it."""
+    kind = StudyConfig if name.startswith("study-") else TrainConfig
+    assert isinstance(build_config(kind, name, []), kind)

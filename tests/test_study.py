@@ -132,6 +132,34 @@ def test_rerun_resumes_finished_cells_and_runs_only_new_ones(study_out):
     assert cell["version"] == 8  # 4 batches of 2 updates
 
 
+def test_lr_table_runs_one_chosen_lr_per_arm_and_k(study_out):
+    """An lr chosen elsewhere: pg runs only at its table lr (one new cell), asympo:group at every lr."""
+    result = study(study_out, "lrs=[1e-4]", "lr_table={pg: {0: 0.0002}}")
+    assert result.returncode == 0, result.stderr
+    assert "1 of 2 cells already done, running 1" in result.stdout + result.stderr
+    config = json.loads((study_out / "cells" / "pg-k1-lr0.0002-s0" / "config.json").read_text())
+    assert config["optim"]["lr"] == 0.0002
+    rows = {(r["objective"], float(r["lr"])) for r in _read_csv(study_out / "results.csv")}
+    assert rows == {("pg", 2e-4), ("asympo:group", 1e-4)}
+
+
+def test_lr_table_lookup():
+    table = "lr_table={grpo: {0: 0.0001, 8: 0.00003}}"
+    cfg = build_config(StudyConfig, None, ["objectives=[grpo,pg]", "lags=[0,4,16]", table])
+    assert [cfg.lrs_for("grpo", k) for k in (0, 4, 16)] == [[1e-4], [1e-4], [3e-5]]
+    assert cfg.lrs_for("grpo@mb4", 16) == [3e-5]  # the entry's table, whatever the mini-batches
+    assert cfg.lrs_for("pg", 4) == cfg.lrs  # not in the table: every lr
+    late = build_config(StudyConfig, None, ["objectives=[grpo]", "lr_table={grpo: {4: 0.0001}}"])
+    assert late.lrs_for("grpo", 0) == [1e-4]  # below the table's smallest k: that k's lr
+    for bad, message in [
+        ("lr_table={spo: {0: 0.0001}}", "not in objectives"),
+        ("lr_table={pg: {0: 0}}", "learning rates > 0"),
+        ("lr_table={pg: {}}", "learning rates > 0"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            build_config(StudyConfig, None, ["objectives=[pg]", bad])
+
+
 def test_study_config_keeps_base_defaults_and_rejects_bad_grids():
     cfg = build_config(StudyConfig, None, ["base.steps=10"])
     assert cfg.base.steps == 10 and cfg.base.eval_samples == 4 and not cfg.base.save_model

@@ -28,7 +28,9 @@ class Cell:
 
 def cells_of(cfg: StudyConfig) -> list[Cell]:
     """Seed by seed: a study stopped part-way already holds whole grids of the first seeds."""
-    return [Cell(o, k, lr, s) for s in cfg.seeds for k in cfg.lags for o in cfg.arms for lr in cfg.lrs]
+    return [
+        Cell(o, k, lr, s) for s in cfg.seeds for k in cfg.lags for o in cfg.arms for lr in cfg.lrs_for(o, k)
+    ]
 
 
 def cell_config(cfg: StudyConfig, cell: Cell, folder: Path) -> TrainConfig:

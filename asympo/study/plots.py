@@ -105,9 +105,14 @@ def lr_plot(cfg: StudyConfig, table: list[dict], path: Path) -> None:
 
 
 def write_plots(cfg: StudyConfig, out: Path, table: list[dict], picks: Picks) -> list[Path]:
-    """`picks` chooses each line's lr; without one (no validation set) the base lr, else the first."""
-    fallback = cfg.base.optim.lr if cfg.base.optim.lr in cfg.lrs else cfg.lrs[0]
-    picks = {(o, k): picks.get((o, k), fallback) for o in cfg.arms for k in cfg.lags}
+    """`picks` chooses each line's lr; without one (no validation set) the base lr if the arm ran it, else
+    the arm's first."""
+
+    def fallback(arm: str, k: int) -> float:
+        lrs = cfg.lrs_for(arm, k)
+        return cfg.base.optim.lr if cfg.base.optim.lr in lrs else lrs[0]
+
+    picks = {(o, k): picks.get((o, k), fallback(o, k)) for o in cfg.arms for k in cfg.lags}
     plots = [
         ([("test_accuracy", "-")], "held-out accuracy (sampled pass@1)", "accuracy.png", 1),
         ([("reward", "-")], "training reward (10-step mean)", "reward.png", 10),

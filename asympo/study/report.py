@@ -60,7 +60,7 @@ def summarise(cfg: StudyConfig, out: Path) -> tuple[list[dict], list[dict]]:
     table = []
     for k in cfg.lags:
         for objective in cfg.arms:
-            for lr in cfg.lrs:
+            for lr in cfg.lrs_for(objective, k):
                 rows = [r for r in cells if (r["objective"], r["k"], r["lr"]) == (objective, k, lr)]
                 final = [r["final_accuracy"] for r in rows]
                 table.append(
