@@ -62,6 +62,7 @@ def clip(x: float, low: float, high: float) -> float:
 REF_AGGREGATION = {
     "pg": "response",
     "spo": "response",
+    "spo_pos": "response",
     "asympo": "response",
     "asymre": "response",
     "gpg": "response",
@@ -100,10 +101,11 @@ def reference_loss(name: str, cfg: ObjectiveConfig) -> float:
     for lp, b, p, a in zip(LP, BEH, PROX, ADV, strict=True):
         n, lbar = len(lp), -sum(lp) / len(lp)
         rho = [math.exp(x - y) for x, y in zip(lp, b, strict=True)]
-        if name in ("pg", "spo", "asympo", "asymre", "gpg"):
+        if name in ("pg", "spo", "spo_pos", "asympo", "asymre", "gpg"):
             weight = {
                 "pg": a,
                 "spo": a if a >= 0 else cfg.spo_c * a,
+                "spo_pos": a if a >= 0 else 0.1 * a,
                 "asympo": a / max(lbar, cfg.asympo_eps),
                 "asymre": a - cfg.asymre_dv,
                 "gpg": cfg.gpg_alpha * a,
@@ -291,6 +293,22 @@ def test_spo_scales_only_negatives():
     adv = inputs.advantages
     torch.testing.assert_close(spo[adv > 0], pg[adv > 0])
     torch.testing.assert_close(spo[adv < 0], 0.3 * pg[adv < 0])
+
+
+def test_spo_pos_keeps_positives_and_takes_a_tenth_of_negatives_whatever_spo_c():
+    """Its defining property: per response, positives contribute pg's term and negatives exactly a tenth of
+    it, with gradients in the same ratio; spo_c (spo's knob) does not move it."""
+    inputs = make_inputs()
+    _, pos = get_objective("spo_pos").fn(inputs, ObjectiveConfig(name="spo_pos", spo_c=0.7))
+    _, pg = get_objective("pg").fn(inputs, ObjectiveConfig(name="pg"))
+    adv = inputs.advantages
+    torch.testing.assert_close(pos[adv > 0], pg[adv > 0])
+    torch.testing.assert_close(pos[adv < 0], 0.1 * pg[adv < 0])
+    (grad_pos,) = torch.autograd.grad(pos[adv < 0].sum(), inputs.logprobs)
+    (grad_pg,) = torch.autograd.grad(pg[adv < 0].sum(), inputs.logprobs)
+    torch.testing.assert_close(grad_pos, 0.1 * grad_pg)
+    spo = get_objective("spo").fn(inputs, ObjectiveConfig(name="spo", spo_c=0.1))[1]
+    torch.testing.assert_close(pos, spo)
 
 
 @pytest.mark.parametrize("name", BEHAVIOUR)

@@ -15,7 +15,7 @@ import asympo.integrations.verl as av
 from asympo.objectives import LossInputs, ObjectiveConfig, ObjectiveError, compute_loss
 from asympo.objectives.current import asympo_weights
 
-MODES = ("asympo", "spo", "pg")
+MODES = ("asympo", "spo", "spo_pos", "pg")
 AGG = {
     "seq-mean-token-mean": "response",
     "token-mean": "token",
@@ -125,7 +125,11 @@ def test_matches_compute_loss_in_value_and_gradient(mode, agg, global_info):
     # and the aggregation is verl's own: verl's agg_loss over the same token loss gives the same value
     x3 = logits.clone().requires_grad_()
     lp = log_probs(x3)
-    weight = {"pg": adv, "spo": torch.where(adv >= 0, adv, 0.5 * adv)}.get(mode)
+    weight = {
+        "pg": adv,
+        "spo": torch.where(adv >= 0, adv, 0.5 * adv),
+        "spo_pos": torch.where(adv >= 0, adv, 0.1 * adv),
+    }.get(mode)
     if weight is None:
         weight = asympo_weights(inputs, ObjectiveConfig()) * adv
     verl_loss = agg_loss(-weight[:, None] * lp, mask.double(), agg, **cfg.global_batch_info)

@@ -1,6 +1,6 @@
 """asympo's objectives as verl policy losses: `actor_rollout_ref.actor.policy_loss.loss_mode=asympo`.
 
-Importing this module registers `asympo`, `spo` and `pg` in verl's policy-loss registry
+Importing this module registers `asympo`, `spo`, `spo_pos` and `pg` in verl's policy-loss registry
 (`verl.trainer.ppo.core_algos.register_policy_loss`). Each one builds `LossInputs` from the tensors verl
 hands a policy loss and calls `asympo.objectives.compute_loss`, so the formulas live in one place.
 
@@ -41,7 +41,7 @@ except ImportError as e:  # an optional extra: say how to get it
 
 from asympo.objectives import LossInputs, ObjectiveConfig, ObjectiveError, compute_loss, get_objective
 
-LOSS_MODES = ("asympo", "spo", "pg")
+LOSS_MODES = ("asympo", "spo", "spo_pos", "pg")
 # ObjectiveConfig knobs that may be set on verl's policy-loss config, where verl's config allows it.
 KNOBS = ("spo_c", "asympo_eps", "asympo_scale")
 # verl's loss_agg_mode -> asympo's aggregation.

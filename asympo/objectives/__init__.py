@@ -58,6 +58,7 @@ OBJECTIVES: dict[str, Objective] = {
     for o in (
         _entry(current, "pg", "group_norm", current.AGGREGATION),
         _entry(current, "spo", "group_norm", current.AGGREGATION),
+        _entry(current, "spo_pos", "group_norm", current.AGGREGATION),
         _entry(current, "asympo", "group_norm", current.AGGREGATION),
         _entry(current, "asymre", "mean", current.AGGREGATION),
         _entry(current, "gpg", "mean", current.AGGREGATION),

@@ -40,6 +40,16 @@ def spo(inputs: LossInputs, cfg: ObjectiveConfig) -> tuple[Tensor, Tensor]:
     return _weighted_nll(inputs, cfg, torch.where(adv >= 0, adv, adv * cfg.spo_c))
 
 
+SPO_POS_C = 0.1  # spo_pos: the weight of negative-advantage responses
+
+
+def spo_pos(inputs: LossInputs, cfg: ObjectiveConfig) -> tuple[Tensor, Tensor]:
+    """SPO leaning on the positives: negative-advantage responses at a tenth of their pg weight. The fair
+    study's best current-policy objective: pushing down stale negatives is what drifts the policy."""
+    adv = advantages(inputs)
+    return _weighted_nll(inputs, cfg, torch.where(adv >= 0, adv, adv * SPO_POS_C))
+
+
 def asympo_weights(inputs: LossInputs, cfg: ObjectiveConfig) -> Tensor:
     """C_i = 1 / max(sg(lbar_i), eps), optionally times sg(mean lbar of the group) to keep pg's scale.
 
