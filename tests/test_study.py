@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
 import statistics
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -141,6 +145,45 @@ def test_lr_table_runs_one_chosen_lr_per_arm_and_k(study_out):
     assert config["optim"]["lr"] == 0.0002
     rows = {(r["objective"], float(r["lr"])) for r in _read_csv(study_out / "results.csv")}
     assert rows == {("pg", 2e-4), ("asympo:group", 1e-4)}
+
+
+def _workers_of(pid: int) -> list[int]:
+    """The study's pool workers: spawned children (not multiprocessing's resource tracker)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (proc / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid and b"spawn_main" in cmdline and b"resource_tracker" not in cmdline:
+            found.append(int(proc.name))
+    return found
+
+
+def test_a_killed_worker_stops_the_study_with_one_line_and_keeps_finished_cells(tmp_path):
+    """As the kernel's OOM killer does: SIGKILL the worker while it runs the second cell."""
+    out = tmp_path / "s"
+    args = [sys.executable, "-m", "asympo", "study", *GRID, f"out={out}"]
+    args += ["objectives=[pg]", "lrs=[1e-4]", "seeds=[0,1]", "workers=1", "base.eval_every=0"]
+    study = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = out / "cells" / "pg-k1-lr0.0001-s0" / "result.json"
+    deadline = time.monotonic() + 600
+    while not first.exists() and study.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    workers = _workers_of(study.pid)
+    assert first.exists() and workers, "the first cell should finish with the worker still alive"
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)
+    stdout, stderr = study.communicate(timeout=120)
+    assert study.returncode == 1, stderr
+    assert "Traceback" not in stderr, stderr
+    message = stderr.strip().splitlines()[-1]  # after the finished cell's progress line
+    assert message.startswith(
+        "asympo: run stopped: a study worker process died while running pg-k1-lr0.0001-s1 "
+    )
+    assert "the 1 finished cells" in message and "run the same command again" in message
+    assert first.exists() and not (out / "cells" / "pg-k1-lr0.0001-s1" / "result.json").exists()
 
 
 def test_lr_table_lookup():

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import multiprocessing
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
 from asympo.config import STUDY_VARIANTS, StudyConfig, TrainConfig
+from asympo.faults import RunAborted
 from asympo.io import atomic_write_text, ensure_writable_dir
 from asympo.metrics import console, progress_bar
 
@@ -84,13 +86,27 @@ def run_grid(cfg: StudyConfig) -> Path:
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
                 cell = running.pop(future)
-                result = future.result()  # a failing cell stops the study; finished cells stay done
+                try:
+                    result = future.result()  # a failing cell stops the study; finished cells stay done
+                except BrokenProcessPool:
+                    raise _died(out, [cell, *running.values()]) from None
                 bar.update(task, advance=1)
                 console.print(
                     f"  {cell.name}: accuracy {result['accuracy_before']:.1%} -> "
                     f"{result['accuracy_after']:.1%}"
                 )
     return out
+
+
+def _died(out: Path, cells: list[Cell]) -> RunAborted:
+    """A worker killed from outside (most often by the kernel, out of memory) takes the pool with it."""
+    done = sum(1 for _ in (out / "cells").glob("*/result.json"))
+    names = ", ".join(sorted(c.name for c in cells))
+    return RunAborted(
+        f"a study worker process died while running {names} (killed from outside, most often out of "
+        f"memory: fewer workers hold less); the {done} finished cells in {out / 'cells'} are kept: "
+        "run the same command again to resume"
+    )
 
 
 def load_cell(folder: Path) -> tuple[dict, list[dict]]:
