@@ -150,6 +150,10 @@ def tuned_table(rows: list[dict], cfg: StudyConfig) -> str:
     return "\n".join(lines)
 
 
+def _number(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.3f}"
+
+
 def full_table(table: list[dict]) -> str:
     lines = [
         "| objective | k | lr | final accuracy (mean ± std) | validation | best accuracy | collapsed "
@@ -159,7 +163,7 @@ def full_table(table: list[dict]) -> str:
     for r in table:
         lines.append(
             f"| {r['objective']} | {r['k']} | {r['lr']:g} | {_pm(r['final_mean'], r['final_std'])} "
-            f"| {r['validation_mean']:.3f} | {r['best_mean']:.3f} | {r['collapsed']}/{r['seeds']} "
+            f"| {_number(r['validation_mean'])} | {r['best_mean']:.3f} | {r['collapsed']}/{r['seeds']} "
             f"| {r['nll_ratio_mean']:.3f} | {r['grad_norm_mean']:.3f} |"
         )
     return "\n".join(lines)
@@ -167,10 +171,15 @@ def full_table(table: list[dict]) -> str:
 
 def markdown_report(cfg: StudyConfig, table: list[dict], tuned: list[dict]) -> str:
     task = cfg.base.task
+    chosen = (
+        f"Chosen lr: the best mean final accuracy on the {task.validation_size} validation problems (never "
+        "the test set). "
+        if task.validation_size
+        else ""
+    )
     note = (
         f"Held-out sampled pass@1 ({cfg.base.eval_samples} samples per problem, {task.test_size} test "
-        f"problems) after {cfg.base.steps} steps. Chosen lr: the best mean final accuracy on the "
-        f"{task.validation_size} validation problems (never the test set). Collapsed: final accuracy below "
+        f"problems) after {cfg.base.steps} steps. {chosen}Collapsed: final accuracy below "
         f"{cfg.collapse_drop:g} x the initial accuracy. NLL+/NLL-: mean over steps of the positive/negative "
         "mean-NLL ratio."
     )
