@@ -34,10 +34,14 @@ def pg(inputs: LossInputs, cfg: ObjectiveConfig) -> tuple[Tensor, Tensor]:
     return _weighted_nll(inputs, cfg, advantages(inputs))
 
 
+def _damp_negatives(inputs: LossInputs, cfg: ObjectiveConfig, c: float) -> tuple[Tensor, Tensor]:
+    adv = advantages(inputs)
+    return _weighted_nll(inputs, cfg, torch.where(adv >= 0, adv, adv * c))
+
+
 def spo(inputs: LossInputs, cfg: ObjectiveConfig) -> tuple[Tensor, Tensor]:
     """Fixed damping of negative-advantage responses by spo_c."""
-    adv = advantages(inputs)
-    return _weighted_nll(inputs, cfg, torch.where(adv >= 0, adv, adv * cfg.spo_c))
+    return _damp_negatives(inputs, cfg, cfg.spo_c)
 
 
 SPO_POS_C = 0.1  # spo_pos: the weight of negative-advantage responses
@@ -46,8 +50,7 @@ SPO_POS_C = 0.1  # spo_pos: the weight of negative-advantage responses
 def spo_pos(inputs: LossInputs, cfg: ObjectiveConfig) -> tuple[Tensor, Tensor]:
     """SPO leaning on the positives: negative-advantage responses at a tenth of their pg weight. The fair
     study's best current-policy objective: pushing down stale negatives is what drifts the policy."""
-    adv = advantages(inputs)
-    return _weighted_nll(inputs, cfg, torch.where(adv >= 0, adv, adv * SPO_POS_C))
+    return _damp_negatives(inputs, cfg, SPO_POS_C)
 
 
 def asympo_weights(inputs: LossInputs, cfg: ObjectiveConfig) -> Tensor:
