@@ -288,6 +288,18 @@ def test_requests_in_flight_at_shutdown_get_503_not_resets():
     assert all(r[1]["error"]["code"] == "unavailable" for r in results if r[0] == 503)
 
 
+def test_sigterms_repeated_until_it_has_exited_still_give_a_clean_stop():
+    """A supervisor may signal again while the server winds down (after uvicorn has let go of the signals):
+    that must not turn a clean stop into a kill (-15) mid-request."""
+    for _ in range(3):
+        s = Server()
+        while s.process.poll() is None:
+            s.process.send_signal(signal.SIGTERM)
+            time.sleep(0.002)
+        assert s.process.returncode == 0, s.output()
+        assert s.stop() == 0 and "asympo serve: stopped" in s.output()
+
+
 # 5. Weights with NaN or inf are refused; the old ones keep serving.
 
 

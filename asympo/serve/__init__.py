@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import threading
 from pathlib import Path
 from types import FrameType
 
@@ -95,6 +97,15 @@ def run_serve(cfg: ServeConfig) -> None:
         server_header=False,
     )
 
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    auth = f", API key from ${cfg.api_key_env} required" if api_key else ""
+    where = f"{placement.device} {placement.precision}"
+    banner = (
+        f"asympo serve: listening on http://{shown}:{port}/v1 (model {served}, version {app.version}, "
+        f"{where}){auth}"
+    )
+
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             """Stop accepting, answer waiting requests with a 503; no re-raised signal (exit code 0)."""
@@ -104,19 +115,28 @@ def run_serve(cfg: ServeConfig) -> None:
             asgi.stopping = True
             app.batcher.close()
 
-    host, port = sock.getsockname()[:2]
-    shown = f"[{host}]" if ":" in host else host
-    auth = f", API key from ${cfg.api_key_env} required" if api_key else ""
-    where = f"{placement.device} {placement.precision}"
-    print(
-        f"asympo serve: listening on http://{shown}:{port}/v1 (model {served}, version {app.version}, "
-        f"{where}){auth}",
-        flush=True,
-    )
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            """Say "listening" only once the signal handlers are in place: a SIGTERM sent on that line must
+            take the graceful path, not the default one that kills the process mid-request."""
+            await super().startup(sockets=sockets)
+            print(banner, flush=True)
+
+    server = Server(config)
+    if threading.current_thread() is threading.main_thread():
+        # uvicorn holds SIGINT/SIGTERM only while it serves and then puts back what it found. What it finds is
+        # this handler, so a signal just before it starts or while the process winds down is a clean stop
+        # too, never the default that kills the process mid-request with -15.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, server.handle_exit)
     try:
-        Server(config).run(sockets=[sock])
+        server.run(sockets=[sock])
     finally:
         asgi.stopping = True
         app.batcher.stop()
         sock.close()
         print("asympo serve: stopped", flush=True)
+        if threading.current_thread() is threading.main_thread():
+            # Python puts its own handlers back to the default while the interpreter exits; an ignored signal
+            # it leaves alone, so a repeated SIGTERM cannot turn the finished stop into -15.
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)
