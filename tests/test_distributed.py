@@ -225,6 +225,9 @@ def test_ray_learner_ranks_beside_ray_rollout_actors_end_on_a_dead_rank_and_resu
     assert json.loads((tmp_path / "result.json").read_text())["version"] == 8
     trained = [m["step"] for m in metrics(tmp_path) if "reward" in m]
     assert trained == sorted(set(trained)) and trained[-1] == 7 and step in trained
+    deadline = time.monotonic() + 30  # Ray's shutdown does not wait for its worker processes to exit
+    while ray_follower_pids() and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert not ray_follower_pids()  # the run's end took its actors with it
 
 

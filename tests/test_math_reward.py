@@ -77,7 +77,7 @@ def test_named_math_reward_runs_in_the_guard_and_a_hanging_verifier_is_cut_off(t
     items = [("\\boxed{68}", "68"), ("\\boxed{69}", "68"), ("\\boxed{1/2}", "0.5")]
     with RewardGuard("math") as guard:
         assert guard.score(items) == [1.0, 0.0, 1.0]
-    with RewardGuard("hanging_verifier:hangs_on_marker", timeout=2.0) as guard:
+    with RewardGuard("hanging_verifier:hangs_on_marker", timeout=10.0) as guard:  # a cold parse fits
         rewards = guard.score([("\\boxed{68}", "68"), ("HANG \\boxed{68}", "68"), ("\\boxed{5}", "5")])
         assert rewards == [1.0, 0.0, 1.0]  # the helper was killed and restarted: the next item is scored
         assert (guard.timeouts, guard.restarts) == (1, 1)

@@ -106,17 +106,19 @@ def test_exact_rewards_for_a_mixed_batch_and_reuse_without_restarts():
         assert (guard.errors, guard.timeouts, guard.restarts) == (0, 0, 0)
 
 
-def test_large_batch_is_fast_after_start_up():
+def test_a_batch_is_one_message_each_way_not_one_per_item():
+    """What keeps a 256-item batch under a millisecond after start-up (a count, not a clock: CI is noisy)."""
     items = [(str(i), str(i if i % 3 else i + 1)) for i in range(256)]
-    timings = []
     with RewardGuard("exact") as guard:
         guard.score(items[:1])
-        for _ in range(5):
-            start = time.perf_counter()
-            rewards = guard.score(items)
-            timings.append(time.perf_counter() - start)
+        conn = guard._conn
+        sent, received = [], []
+        real_send, real_recv = conn.send, conn.recv
+        conn.send = lambda obj: (sent.append(obj), real_send(obj))[1]
+        conn.recv = lambda: received.append(real_recv()) or received[-1]
+        rewards = guard.score(items)
+        assert (len(sent), len(received)) == (1, 1) and received == [256]
     assert rewards == [0.0 if i % 3 == 0 else 1.0 for i in range(256)]
-    assert min(timings) < 0.02, timings  # under 1 ms normally: one message per batch, not per item
 
 
 def test_raising_item_scores_zero_and_is_counted():

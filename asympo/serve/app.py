@@ -127,7 +127,7 @@ class App:
         """The endpoint and the most body bytes it may read, from the request line and headers alone.
         The key is checked before the path is looked up: without it, even an unknown path is a 401."""
         path = req.path.rstrip("/") or "/"
-        if path == "/health":  # open without a key, for load balancers: it tells only the version
+        if path == "/health":  # open without a key, for load balancers: the version and the load
             self._allow(req, path, "GET")
             return App.health, 0
         if not self.authorized(req.headers.get("Authorization")):
@@ -153,7 +153,7 @@ class App:
             raise ApiError(405, f"this path takes {want}, not {req.method[:16]}", "method_not_allowed")
 
     def health(self, req: Request) -> Reply:
-        return 200, {"status": "ok", "version": self.version}
+        return 200, {"status": "ok", "version": self.version, "requests": self.batcher.held}
 
     def models(self, req: Request) -> Reply:
         return 200, {"object": "list", "data": [self._card()]}

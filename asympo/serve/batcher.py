@@ -58,6 +58,7 @@ class Batcher:
         self.lock = threading.Lock()  # held while a batch decodes: weights change only between batches
         self.ready = threading.Condition()
         self.waiting: list[Job] = []
+        self.held = 0  # requests submitted and not yet answered: waiting or decoding
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name="asympo-engine", daemon=True)
         self.thread.start()
@@ -72,8 +73,13 @@ class Batcher:
             if self.stopping:
                 raise ApiError(503, "the server is shutting down", "unavailable")
             self.waiting.append(job)
+            self.held += 1
             self.ready.notify()
-        job.done.wait()
+        try:
+            job.done.wait()
+        finally:
+            with self.ready:
+                self.held -= 1
         return job
 
     def swap_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
