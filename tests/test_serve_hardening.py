@@ -29,8 +29,16 @@ def address(server: Server) -> tuple[str, int]:
     return host, int(port)
 
 
-def raw(server: Server, data: bytes, timeout: float = 20, then: bytes = b"", pause: float = 0) -> bytes:
-    """Send bytes on a fresh connection and read until the server closes it (or `timeout`)."""
+def raw(
+    server: Server,
+    data: bytes,
+    timeout: float = 20,
+    then: bytes = b"",
+    pause: float = 0,
+    closes: bool = False,
+) -> bytes:
+    """Send bytes on a fresh connection and read until the server closes it (or `timeout`: a failure when
+    the server should have closed it)."""
     with socket.create_connection(address(server), timeout=timeout) as conn:
         try:  # a server that refuses early (413) may close while a large body is still being sent
             conn.sendall(data)
@@ -44,8 +52,10 @@ def raw(server: Server, data: bytes, timeout: float = 20, then: bytes = b"", pau
         try:
             while chunk := conn.recv(65536):
                 chunks.append(chunk)
-        except (ConnectionResetError, TimeoutError):
+        except ConnectionResetError:
             pass
+        except TimeoutError:
+            assert not closes, f"the connection stayed open after {b''.join(chunks)[:60]!r}"
     return b"".join(chunks)
 
 
@@ -244,7 +254,7 @@ def test_a_nan_parsed_as_a_number_is_refused_by_the_checks(open_server):
     ],
 )
 def test_errors_of_the_http_layer_are_json_too(open_server, request_bytes, status):
-    got, body = first_reply(raw(open_server, request_bytes))
+    got, body = first_reply(raw(open_server, request_bytes, timeout=10, closes=True))  # a bad request ends it
     assert got == status and body["error"]["message"] and "code" in body["error"]
 
 

@@ -95,7 +95,8 @@ class AsgiApp:
             return json_reply(status, payload)
         except ApiError as e:
             # A refused request may leave its body unread: close, so the next request cannot start inside it.
-            return json_reply(e.status, e.body(), close=unread or e.status >= 500)
+            # Oversized headers close too: the HTTP layer's own 431 does, and such a client gets no second go.
+            return json_reply(e.status, e.body(), close=unread or e.status >= 500 or e.status == 431)
         except Exception as e:  # a bug, not the client's fault: say so, keep serving
             print(
                 f"asympo serve: internal error on {scope.get('method')}: {type(e).__name__}: {e}",
