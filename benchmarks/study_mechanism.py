@@ -18,6 +18,8 @@ KEYS = [
     "nll_ratio",
     "behaviour_kl",
     "clip_frac",
+    "m2",
+    "m2_kept",
     "entropy",
     "asympo_scale_mean",
     "asympo_scale_pos",
@@ -67,6 +69,8 @@ def main(study: Path, filters: dict[str, str]) -> None:
         "nll_ratio_late",
         "behaviour_kl",
         "clip_frac",
+        "m2",
+        "m2_kept",
     ]
     shown += ["entropy", "entropy_late", "asympo_scale_mean", "asympo_scale_pos", "asympo_scale_neg"]
     shown += ["asympo_scale_max", "loss_pos", "loss_neg"]
