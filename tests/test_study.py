@@ -67,7 +67,7 @@ CELLS = [f"{o}-k1-lr{lr}-s0" for o in ("pg", "asympo-group") for lr in ("0.0001"
 def test_study_writes_table_csv_and_plots(study_out):
     for name in ["results.md", "results.csv", "tuned.csv", "cells.csv", "study.json"]:
         assert (study_out / name).stat().st_size > 0, name
-    plots = ["accuracy", "reward", "nll_ratio", "grad_norm", "entropy", "loss_split", "lr"]
+    plots = ["accuracy", "reward", "nll_ratio", "grad_norm", "entropy", "loss_split", "final", "lr"]
     for name in [f"{plot}.png" for plot in plots]:
         assert (study_out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     for name in CELLS:

@@ -1,5 +1,6 @@
 """PNG plots of the study: one panel per staleness k, one line per objective (mean over seeds), each
-objective at its validation-chosen lr (the base lr without a validation set); and final accuracy by lr."""
+objective at its validation-chosen lr (the base lr without a validation set); final accuracy against k;
+and final accuracy by lr."""
 
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ def _panels(
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(cfg.lags), figsize=(4.2 * len(cfg.lags), 3.6), sharey=True, squeeze=False)
-    colours = {o: f"C{i}" for i, o in enumerate(cfg.arms)}
+    colours = _colours(cfg, plt)
     for metric, style in metrics:
         series = _series(cfg, out, metric, picks)
         for ax, k in zip(axes[0], cfg.lags, strict=True):
@@ -75,6 +76,51 @@ def _panels(
             ax.grid(alpha=0.3)
             ax.legend(fontsize=6)
     axes[0][0].set_ylabel(ylabel)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _colours(cfg: StudyConfig, plt) -> dict[str, object]:
+    """Up to 10 arms the default cycle; more (objectives x minibatches) take tab20, so no two share one."""
+    if len(cfg.arms) <= 10:
+        return {o: f"C{i}" for i, o in enumerate(cfg.arms)}
+    return {o: plt.cm.tab20(i % 20) for i, o in enumerate(cfg.arms)}
+
+
+def final_plot(cfg: StudyConfig, table: list[dict], picks: Picks, path: Path) -> None:
+    """Final test accuracy against staleness k (mean ± std over seeds, each arm at its plotted lr), one panel
+    per optim.minibatches setting: whether an objective holds its on-policy accuracy as k grows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    entries = list(dict.fromkeys(a.partition("@mb")[0] for a in cfg.arms))
+    panels = cfg.minibatches
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 4.0), sharey=True, squeeze=False)
+    rows = {(r["objective"], r["k"], r["lr"]): r for r in table}
+    for ax, minibatches in zip(axes[0], panels, strict=True):
+        for i, entry in enumerate(entries):
+            arm = entry if minibatches == 1 else f"{entry}@mb{minibatches}"
+            picked = [rows[(arm, k, picks[(arm, k)])] for k in cfg.lags]
+            means, stds = [r["final_mean"] for r in picked], [r["final_std"] for r in picked]
+            ax.errorbar(
+                range(len(cfg.lags)),
+                means,
+                yerr=stds,
+                fmt="o-",
+                color=f"C{i % 10}",
+                label=entry,
+                capsize=3,
+                linewidth=1.4,
+            )
+        ax.set_xticks(range(len(cfg.lags)), [str(k) for k in cfg.lags])
+        ax.set_title(f"{minibatches} update{'s' if minibatches > 1 else ''} per batch")
+        ax.set_xlabel("staleness k (optimiser updates)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("final held-out accuracy (mean ± std over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -130,6 +176,8 @@ def write_plots(cfg: StudyConfig, out: Path, table: list[dict], picks: Picks) ->
     for metrics, ylabel, name, window in plots:
         _panels(cfg, out, metrics, ylabel, out / name, window, picks)
         paths.append(out / name)
+    final_plot(cfg, table, picks, out / "final.png")
+    paths.append(out / "final.png")
     if len(cfg.lrs) > 1:
         lr_plot(cfg, table, out / "lr.png")
         paths.append(out / "lr.png")
