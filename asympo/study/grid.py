@@ -101,8 +101,9 @@ def run_grid(cfg: StudyConfig) -> Path:
 def _died(out: Path, cells: list[Cell]) -> RunAborted:
     """A worker killed from outside (most often by the kernel, out of memory) takes the pool with it."""
     done = sum(1 for _ in (out / "cells").glob("*/result.json"))
-    lost = [c for c in cells if not (out / "cells" / c.name / "result.json").exists()]  # a cell may have
-    names = ", ".join(sorted(c.name for c in lost or cells))  # written its result just before the kill
+    # A cell may have written its result just before the kill: name only the ones lost.
+    lost = [c for c in cells if not (out / "cells" / c.name / "result.json").exists()]
+    names = ", ".join(sorted(c.name for c in lost or cells))
     return RunAborted(
         f"a study worker process died while running {names} (killed from outside, most often out of "
         f"memory: fewer workers hold less); the {done} finished cells in {out / 'cells'} are kept: "
