@@ -134,11 +134,12 @@ def lr_plot(cfg: StudyConfig, table: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(cfg.lags), figsize=(4.2 * len(cfg.lags), 3.6), sharey=True, squeeze=False)
+    colours = _colours(cfg, plt)
     for ax, k in zip(axes[0], cfg.lags, strict=True):
-        for i, objective in enumerate(cfg.arms):
+        for objective in cfg.arms:
             rows = [r for r in table if (r["objective"], r["k"]) == (objective, k)]
             lrs, finals = [r["lr"] for r in rows], [r["final_mean"] for r in rows]
-            ax.plot(lrs, finals, "o-", color=f"C{i}", label=objective)
+            ax.plot(lrs, finals, "o-", color=colours[objective], label=objective)
         ax.set_xscale("log")
         ax.set_title(f"staleness k = {k}")
         ax.set_xlabel("learning rate")
