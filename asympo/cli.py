@@ -1,4 +1,4 @@
-"""Command line: `asympo train|sft|eval [--config FILE] [key=value ...]`.
+"""Command line: `asympo train|sft|eval|study|serve|bench [--config FILE] [key=value ...]`.
 
 Bad input of any kind (config, data, files) ends with one line on stderr and exit code 2, no traceback.
 """

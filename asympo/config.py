@@ -124,7 +124,7 @@ class RuntimeConfig(Strict):
     workers: int = Field(1, ge=1)  # async: rollout worker processes
     worker_threads: int = Field(1, ge=1)  # async: torch threads per worker
     # async: torch threads of the learner (main process); 0: torch's default, one per core. Sharing a core
-    # with a worker costs less than leaving it idle while the worker waits (0.88-0.94x of sync here, 0.77x).
+    # with a worker costs less than leaving it idle while the worker waits (0.88-0.98x of sync here, 0.77x with 1).
     learner_threads: int = Field(0, ge=0)
     jobs_per_worker: int = Field(2, ge=1)  # async: jobs queued per worker, so it never waits on the learner
     backend: Literal["local", "ray"] = "local"  # async: worker processes here, or Ray actors
@@ -466,8 +466,31 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+_EVAL_FROM_ROLLOUT = ("temperature", "top_p", "max_new_tokens", "max_batch")
+
+
+def eval_view(data: dict[str, Any]) -> dict[str, Any]:
+    """A training config read by `asympo eval` (`eval -c smollm2-arith`): the same model, task, prompt, reward
+    and sampling, the sections only training uses dropped. An eval config passes through unchanged."""
+    if set(data) <= set(EvalConfig.model_fields):
+        return data
+    try:
+        TrainConfig.model_validate(data)  # a typo in a training preset is named, not silently dropped
+    except ValidationError as e:
+        raise UserError(format_validation_error(e)) from None
+    view = {key: value for key, value in data.items() if key in EvalConfig.model_fields}
+    rollout = data.get("rollout") or {}
+    view |= {key: rollout[key] for key in _EVAL_FROM_ROLLOUT if key in rollout}
+    if "reward_timeout" in (data.get("faults") or {}):
+        view["reward_timeout"] = data["faults"]["reward_timeout"]
+    return view
+
+
 def build_config(model: type[Cfg], path: str | Path | None = None, overrides: list[str] = ()) -> Cfg:
-    data = _merge(model().model_dump(), load_yaml(path) if path else {})  # so a partial section keeps
+    loaded = load_yaml(path) if path else {}
+    if model is EvalConfig:
+        loaded = eval_view(loaded)
+    data = _merge(model().model_dump(), loaded)  # so a partial section keeps
     for item in overrides:  # its defaults, even where they differ from the section class's own
         apply_override(data, model, item)
     try:

@@ -131,6 +131,20 @@ def test_eval_on_a_dataset_file_reports_every_metric(tmp_path):
     assert printed["pass@1"] > 0.05  # the tiny model does this task: the rows really reach it
 
 
+def test_eval_takes_a_training_config_file(tmp_path):
+    """`asympo eval -c <training config>` evaluates that run's model, task and sampling."""
+    path = tmp_path / "train.yaml"
+    path.write_text(
+        "model: tiny\ntask:\n  test_size: 6\nrollout:\n  max_new_tokens: 3\n  group_size: 4\n"
+        "optim:\n  lr: 1.0e-4\nruntime:\n  mode: lag\nsteps: 5\n"
+    )
+    result = asympo("eval", "-c", str(path), "k=2", "greedy=false", "progress=false")
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout)
+    assert printed["problems"] == 6 and printed["k"] == 2
+    assert 1 <= printed["mean_length"] <= 3  # the rollout's cap, not eval's default of 8
+
+
 def test_train_on_a_dataset_file_and_a_bad_row_is_named(tmp_path):
     data = arith_jsonl(tmp_path / "arith.jsonl")
     out = tmp_path / "run"

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 from pydantic import BaseModel
 
-from asympo.config import StudyConfig, TrainConfig, build_config, preset_names
+from asympo.config import EvalConfig, StudyConfig, TrainConfig, build_config, preset_names
 from asympo.errors import UserError
 
 
@@ -83,3 +83,19 @@ def test_every_preset_loads_as_its_command_config(name):
     """A shipped preset that no longer validates would fail only when a user runs it."""
     kind = StudyConfig if name.startswith("study-") else TrainConfig
     assert isinstance(build_config(kind, name, []), kind)
+
+
+def test_eval_reads_a_training_preset_as_its_model_task_prompt_and_sampling():
+    """The README's `eval -c smollm2-arith`: the preset's rollout sampling carries over, training sections go."""
+    cfg = build_config(EvalConfig, "smollm2-arith", ["k=4"])
+    train = build_config(TrainConfig, "smollm2-arith", [])
+    assert (cfg.model, cfg.reward, cfg.task, cfg.prompt) == (train.model, train.reward, train.task, train.prompt)
+    assert (cfg.max_new_tokens, cfg.max_batch, cfg.k) == (48, 64, 4)
+    assert cfg.max_new_tokens != EvalConfig().max_new_tokens  # the preset's value, not eval's default
+
+
+def test_a_typo_in_a_training_preset_read_by_eval_is_named_not_dropped(tmp_path):
+    path = tmp_path / "train.yaml"
+    path.write_text("model: tiny\noptim:\n  lrr: 0.1\n")
+    with pytest.raises(UserError, match="optim.lrr: unknown config key"):
+        build_config(EvalConfig, path, [])
