@@ -124,7 +124,8 @@ class RuntimeConfig(Strict):
     workers: int = Field(1, ge=1)  # async: rollout worker processes
     worker_threads: int = Field(1, ge=1)  # async: torch threads per worker
     # async: torch threads of the learner (main process); 0: torch's default, one per core. Sharing a core
-    # with a worker costs less than leaving it idle while the worker waits (0.88-0.98x of sync here, 0.77x with 1).
+    # with a worker costs less than leaving it idle while the worker waits (0.88-0.98x of sync here, 0.77x
+    # with 1).
     learner_threads: int = Field(0, ge=0)
     jobs_per_worker: int = Field(2, ge=1)  # async: jobs queued per worker, so it never waits on the learner
     backend: Literal["local", "ray"] = "local"  # async: worker processes here, or Ray actors
