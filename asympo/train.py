@@ -181,6 +181,7 @@ class Trainer:
     def run(self) -> dict:
         cfg = self.cfg
         self.say(f"device: {self.placement.describe()}")  # once set-up has passed: bad input stays one line
+        finished = False
         try:
             try:
                 before = self.state.counters.get("before") or self.evaluate()
@@ -198,11 +199,13 @@ class Trainer:
                     self.checkpoint(cfg.steps)
             finally:
                 self.runtime.close()
-            return self.finish(before)
+            result = self.finish(before)
+            finished = True
+            return result
         finally:
             self.rewards.close()
             if self.sharded:
-                self.learner.release()
+                self.learner.release(part=finished)
 
     def loop(self) -> None:
         cfg, learner, done = self.cfg, self.learner, self.state.step  # done: where a checkpoint resumes

@@ -13,7 +13,9 @@ other ranks runs the same method with the same argument. A rank only ever enters
 
 from __future__ import annotations
 
+import contextlib
 import json
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -34,6 +36,8 @@ from asympo.checkpoint import _unflatten
 from asympo.learner import Learner, publishable_weights
 from asympo.logprobs import score_tokens
 from asympo.models.tying import tied_aliases
+
+PARTING_TIMEOUT = timedelta(seconds=30)  # how long the ranks wait for each other at the end of a run
 
 
 def deal_groups(batch: TrainBatch, ranks: int) -> list[TrainBatch | None]:
@@ -95,12 +99,17 @@ class ShardedLearner(Learner):
             dist.broadcast_object_list(message, src=0)
             command, argument = message[0]
             if command == "stop":
+                if argument:
+                    _part()
                 return
             getattr(self, f"_{command}")(argument)
 
-    def release(self) -> None:
-        """Rank 0, at the end of the run (or on its way out of a failed one): let the followers return."""
-        self._announce("stop")
+    def release(self, part: bool = True) -> None:
+        """Rank 0, at the end of the run (or on its way out of a failed one): let the followers return. A
+        failed run leaves without the parting barrier, which would wait for a rank that may be dead."""
+        self._announce("stop", part)
+        if part:
+            _part()
 
     # --- the collective operations ----------------------------------------------------------------------
 
@@ -204,3 +213,13 @@ class _StateHolder(torch.nn.Module):
 
     def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:
         return self._held
+
+
+def _part() -> None:
+    """Every gloo rank meets once after "stop" before any leaves the group: rank 0 destroying the group while
+    a follower still receives that broadcast can abort the process ("terminate called without an active
+    exception", seen once in CI). A rank that is gone is waited for PARTING_TIMEOUT at most, and is no error
+    here: the run's work is done and saved by then."""
+    if dist.get_backend() == "gloo":
+        with contextlib.suppress(RuntimeError):
+            dist.monitored_barrier(timeout=PARTING_TIMEOUT)
