@@ -43,17 +43,17 @@ def test_rollout_metrics_staleness_histogram_and_truncation():
     assert stats["reward"] == 0.5 and stats["truncated_frac"] == 0.5 and stats["response_len"] == 5.0
 
 
-def read_wandb_run(folder) -> tuple[list[dict], dict]:
-    """History rows and config of an offline W&B run, from its `.wandb` file: the LevelDB log format
-    (32 KiB blocks of records, each with a 7-byte header) holding protobuf `Record`s."""
+def read_wandb_records(path) -> list:
+    """The protobuf `Record`s of a `.wandb` file: the LevelDB log format (32 KiB blocks of records, each
+    with a 7-byte header)."""
     import struct
 
     from wandb.proto import wandb_internal_pb2 as pb
 
-    (path,) = folder.glob("wandb/offline-run-*/run-*.wandb")
     data = path.read_bytes()
-    assert data.startswith(b":W&B")
-    block, pos, records, partial = 32768, 7, [], b""
+    if not data.startswith(b":W&B"):  # not written yet
+        return []
+    block, pos, chunks, partial = 32768, 7, [], b""
     while pos + 7 <= len(data):
         left = block - pos % block
         if left < 7:
@@ -63,19 +63,42 @@ def read_wandb_run(folder) -> tuple[list[dict], dict]:
         if length == 0 and kind == 0:  # padding to the end of the block
             pos += left
             continue
+        if pos + 7 + length > len(data):  # a record the service is still writing
+            break
         chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
         if kind == 1:
-            records.append(chunk)
+            chunks.append(chunk)
         elif kind == 2:
             partial = chunk
         elif kind == 3:
             partial += chunk
         elif kind == 4:
-            records.append(partial + chunk)
-    rows, config = [], {}
-    for raw in records:
+            chunks.append(partial + chunk)
+    records = []
+    for raw in chunks:
         record = pb.Record()
         record.ParseFromString(raw)
+        records.append(record)
+    return records
+
+
+def read_wandb_run(folder, timeout: float = 60.0) -> tuple[list[dict], dict]:
+    """History rows and config of an offline W&B run. wandb's service writes the file on its own and
+    `finish()` can return before it has (seen with wandb 0.31: no history 1 time in 6 on a loaded
+    machine), so wait for the run's closing `exit` record."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        paths = list(folder.glob("wandb/offline-run-*/run-*.wandb"))
+        assert len(paths) <= 1, paths
+        records = read_wandb_records(paths[0]) if paths else []
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            break
+        assert time.monotonic() < deadline, f"{folder}: no finished W&B run after {timeout:.0f} s"
+        time.sleep(0.1)
+    rows, config = [], {}
+    for record in records:
         kind = record.WhichOneof("record_type")
         if kind == "history":
             items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
