@@ -24,4 +24,6 @@ def small_config(out, **extra) -> TrainConfig:
 
 
 def read_metrics(out) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    """The complete lines of a run's metrics.jsonl (a running run may be writing the last one)."""
+    text = (out / "metrics.jsonl").read_text()
+    return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()]

@@ -75,7 +75,7 @@ def test_named_math_reward_runs_in_the_guard_and_a_hanging_verifier_is_cut_off(t
     (tmp_path / "hanging_verifier.py").write_text(textwrap.dedent(HANGING))
     monkeypatch.syspath_prepend(str(tmp_path))
     items = [("\\boxed{68}", "68"), ("\\boxed{69}", "68"), ("\\boxed{1/2}", "0.5")]
-    with RewardGuard("math") as guard:
+    with RewardGuard("math", timeout=30.0) as guard:  # a starved machine, not the verifier, is slow here
         assert guard.score(items) == [1.0, 0.0, 1.0]
     with RewardGuard("hanging_verifier:hangs_on_marker", timeout=10.0) as guard:  # a cold parse fits
         rewards = guard.score([("\\boxed{68}", "68"), ("HANG \\boxed{68}", "68"), ("\\boxed{5}", "5")])

@@ -65,7 +65,8 @@ def train_cli(out: Path, *overrides: str, wait: bool = True):
 
 def step_metrics(out: Path) -> list[dict]:
     path = out / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
+    text = path.read_text() if path.exists() else ""
+    lines = text[: text.rfind("\n") + 1].splitlines()  # the run may be writing the last line
     return [m for m in map(json.loads, lines) if "reward" in m]
 
 

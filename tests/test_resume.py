@@ -208,7 +208,7 @@ def test_a_hanging_reward_times_out_gives_zero_and_the_run_completes(tmp_path, m
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     start = time.monotonic()
-    cfg = config(tmp_path / "run", steps=2, reward="hanging_reward:reward", faults={"reward_timeout": 1.0})
+    cfg = config(tmp_path / "run", steps=2, reward="hanging_reward:reward", faults={"reward_timeout": 3.0})
     result = train(cfg, quiet=True)
     assert result["reward_timeouts"] == 1 and result["version"] == 2
     assert time.monotonic() - start < 120

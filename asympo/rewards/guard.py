@@ -64,6 +64,9 @@ def _serve(conn: Connection, state: Any, spec: str) -> None:
     except Exception as e:
         conn.send(("failed", str(e)))
         return
+    if spec in NAMED:  # math-verify's first parse takes seconds: spend them in the start-up limit, not
+        with contextlib.suppress(Exception):  # in a scored call's deadline (a correct answer timed out)
+            fn("\\boxed{1}", "1")
     conn.send(("ready", None))
     with contextlib.suppress(EOFError, OSError):  # the parent is gone: leave quietly
         while (batch := conn.recv()) is not None:
@@ -179,7 +182,7 @@ class RewardGuard:
         if graceful and proc.is_alive():
             with contextlib.suppress(OSError):
                 conn.send(None)
-                proc.join(1.0)
+                proc.join(10.0)  # an idle child leaves at once; a starved machine may take seconds
         if proc.is_alive():
             proc.kill()
         proc.join()
