@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 import torch
 import torch.distributed as dist
@@ -164,14 +165,16 @@ def train_ray_ranks(cfg: TrainConfig, quiet: bool = False) -> dict:
 
 
 def dead_follower(follows: list) -> str:
-    """Which follower ended with an error (waiting a little: Ray learns of a death after the socket does)."""
+    """Which follower ended with an error. Ray learns of a death after the socket does, so wait for it, up to
+    FOLLOWER_GRACE, and no longer than the first failed follower (the live ones never return here)."""
     import ray
 
-    done, _ = ray.wait(follows, num_returns=len(follows), timeout=FOLLOWER_GRACE / 3)
-    for rank, ref in enumerate(follows, start=1):
-        if ref in done:
+    pending, deadline = list(follows), time.monotonic() + FOLLOWER_GRACE
+    while pending and (left := deadline - time.monotonic()) > 0:
+        done, pending = ray.wait(pending, num_returns=1, timeout=left)
+        for ref in done:
             try:
                 ray.get(ref)
             except ray.exceptions.RayError as e:
-                return f"rank {rank}, a Ray actor: {type(e).__name__}"
+                return f"rank {follows.index(ref) + 1}, a Ray actor: {type(e).__name__}"
     return ""
