@@ -84,8 +84,8 @@ def read_wandb_records(path) -> list:
 
 def read_wandb_run(folder, timeout: float = 60.0) -> tuple[list[dict], dict]:
     """History rows and config of an offline W&B run. wandb's service writes the file on its own and
-    `finish()` can return before it has (seen with wandb 0.31: no history 1 time in 6 on a loaded
-    machine), so wait for the run's closing `exit` record."""
+    `finish()` can return before it has (seen with wandb 0.31: no history in 2 reads of 12 made
+    straight after it), so wait for the run's closing `exit` record."""
     import time
 
     deadline = time.monotonic() + timeout

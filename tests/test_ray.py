@@ -28,6 +28,7 @@ from asympo.models.load import load_policy
 from asympo.objectives.common import ObjectiveConfig
 from asympo.rewards.exact import exact_match
 from asympo.runtime.ray_backend import RayRuntime
+from tests.small_runs import read_metrics
 
 AUTH = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
 ROLLOUT = RolloutConfig(prompts_per_step=4, group_size=4, max_new_tokens=6)
@@ -64,10 +65,8 @@ def train_cli(out: Path, *overrides: str, wait: bool = True):
 
 
 def step_metrics(out: Path) -> list[dict]:
-    path = out / "metrics.jsonl"
-    text = path.read_text() if path.exists() else ""
-    lines = text[: text.rfind("\n") + 1].splitlines()  # the run may be writing the last line
-    return [m for m in map(json.loads, lines) if "reward" in m]
+    exists = (out / "metrics.jsonl").exists()
+    return [m for m in read_metrics(out) if "reward" in m] if exists else []
 
 
 def kill(actor) -> None:
