@@ -14,11 +14,10 @@ import time
 import torch
 
 from asympo.batch import make_batch
-from asympo.config import OptimConfig, RolloutConfig
-from asympo.data.tasks import TaskConfig, train_stream
+from asympo.config import ObjectiveConfig, OptimConfig, RolloutConfig, TaskConfig
+from asympo.data.tasks import train_stream
 from asympo.learner import Learner
 from asympo.models.load import load_policy
-from asympo.objectives.common import ObjectiveConfig
 from asympo.recompute import BehaviourRecompute
 from asympo.rewards.exact import exact_match
 from asympo.rollout.hf import HFEngine

@@ -28,10 +28,10 @@ from collections import defaultdict
 import torch
 
 from asympo.bench.engine import make_prompts, useful_tokens
+from asympo.config import SamplingConfig
 from asympo.models.device import Placement, engine_copy
 from asympo.models.load import load_policy
 from asympo.rollout import hf
-from asympo.rollout.base import SamplingConfig
 
 GROUPS = {  # operator name prefix -> part of the step (first match wins)
     "matmul": ("aten::linear", "aten::addmm", "aten::mm", "aten::matmul", "aten::bmm", "mkldnn::_linear"),

@@ -41,18 +41,17 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 from transformers.utils import logging as hf_logging
 
-from asympo.batch import make_batch
+from asympo.batch import make_batch, synthetic_batch
 from asympo.bench.engine import make_prompts, run_generate, useful_tokens
-from asympo.bench.learner import matmul_peak, step_flops, synthetic_batch
+from asympo.bench.learner import matmul_peak, step_flops
 from asympo.bench.precision import device_description
-from asympo.config import OptimConfig
+from asympo.config import ObjectiveConfig, OptimConfig, SamplingConfig
 from asympo.errors import UserError
 from asympo.learner import Learner
 from asympo.logprobs import token_logprobs
 from asympo.models.device import Placement, engine_copy, for_engine, resolve_device
 from asympo.models.load import load_policy
-from asympo.objectives.common import ObjectiveConfig
-from asympo.rollout.base import Sample, SamplingConfig
+from asympo.rollout.base import Sample
 from asympo.rollout.hf import HFEngine
 from asympo.runtime.devices import activation_bytes
 
@@ -238,11 +237,11 @@ def part_fsdp(device: torch.device, out: Path) -> dict:
     """The data-parallel learner on this one device: a 1-rank FSDP2 step of the tiny model under torchrun
     (NCCL on a GPU, gloo on a CPU) against one process's step on the same device and batch, both float32.
     The multi-GPU launch is documented in docs/distributed.md and not run here."""
+    from asympo.config import ObjectiveConfig
     from asympo.distributed.selfcheck import reference_inputs
     from asympo.learner import Learner
     from asympo.models.device import Placement
     from asympo.models.load import load_policy
-    from asympo.objectives.common import ObjectiveConfig
 
     saved = out / "fsdp-rank.pt"
     saved.unlink(missing_ok=True)

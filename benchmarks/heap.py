@@ -24,12 +24,11 @@ WARMUP = 2
 
 
 def child(model_name: str, rows: int, length: int, steps: int) -> dict:
-    from asympo.bench.learner import synthetic_batch
-    from asympo.config import OptimConfig
+    from asympo.batch import synthetic_batch
+    from asympo.config import ObjectiveConfig, OptimConfig
     from asympo.heap import keep_freed_memory
     from asympo.learner import Learner
     from asympo.models.load import load_policy
-    from asympo.objectives.common import ObjectiveConfig
 
     kept = keep_freed_memory()
     model, tokenizer = load_policy(model_name)

@@ -22,10 +22,9 @@ def child(model_name: str, variant: str, rows: int, length: int) -> dict:
 
     import asympo.logprobs
     from asympo.batch import TrainBatch
-    from asympo.config import OptimConfig
+    from asympo.config import ObjectiveConfig, OptimConfig
     from asympo.learner import Learner
     from asympo.models.load import load_policy
-    from asympo.objectives.common import ObjectiveConfig
 
     torch.manual_seed(0)
     model, tokenizer = load_policy(model_name)

@@ -20,12 +20,11 @@ import time
 
 import torch
 
-from asympo.bench.learner import synthetic_batch
+from asympo.batch import synthetic_batch
 from asympo.bench.precision import cpu_description
-from asympo.config import OptimConfig
+from asympo.config import ObjectiveConfig, OptimConfig
 from asympo.learner import Learner
 from asympo.models.load import load_policy
-from asympo.objectives.common import ObjectiveConfig
 
 
 def step_times(learner: Learner, batch, repeats: int) -> list[float]:

@@ -18,10 +18,10 @@ import torch
 from asympo.batch import make_batch
 from asympo.bench.engine import make_prompts
 from asympo.bench.precision import cpu_description
+from asympo.config import SamplingConfig
 from asympo.logprobs import token_logprobs
 from asympo.models.device import Placement, engine_copy
 from asympo.models.load import load_policy
-from asympo.rollout.base import SamplingConfig
 from asympo.rollout.hf import HFEngine
 
 

@@ -19,12 +19,12 @@ import torch
 from datasets import Dataset
 from trl import GRPOConfig
 
-from asympo.data.tasks import TaskConfig, held_out_problems, train_stream
+from asympo.config import SamplingConfig, TaskConfig
+from asympo.data.tasks import held_out_problems, train_stream
 from asympo.evaluate import held_out_accuracy
 from asympo.integrations.trl import AsympoGRPOTrainer
 from asympo.models.load import load_policy
 from asympo.rewards.exact import exact_match
-from asympo.rollout.base import SamplingConfig
 from asympo.rollout.hf import HFEngine
 
 

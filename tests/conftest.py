@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from asympo.models.tiny import TinyModelConfig, build_model, build_tokenizer
+from asympo.config import TinyModelConfig
+from asympo.models.tiny import build_model, build_tokenizer
 
 torch.set_num_threads(2)
 

@@ -12,8 +12,9 @@ from verl.utils import tensordict_utils as tu
 from verl.workers.config.actor import FSDPActorConfig, PolicyLossConfig
 from verl.workers.utils.losses import ppo_loss
 
-from asympo.models.tiny import TinyModelConfig, build_model, build_tokenizer
-from asympo.objectives import LossInputs, ObjectiveConfig, compute_loss
+from asympo.config import ObjectiveConfig, TinyModelConfig
+from asympo.models.tiny import build_model, build_tokenizer
+from asympo.objectives import LossInputs, compute_loss
 
 SMALL = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64)
 

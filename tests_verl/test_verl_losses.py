@@ -12,7 +12,8 @@ from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY, agg_loss, get_poli
 from verl.workers.config.actor import FSDPActorConfig, PolicyLossConfig
 
 import asympo.integrations.verl as av
-from asympo.objectives import LossInputs, ObjectiveConfig, ObjectiveError, compute_loss
+from asympo.config import ObjectiveConfig
+from asympo.objectives import LossInputs, ObjectiveError, compute_loss
 from asympo.objectives.current import asympo_weights
 
 MODES = ("asympo", "spo", "spo_pos", "pg")

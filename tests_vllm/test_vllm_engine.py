@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
+from asympo.config import SamplingConfig
 from asympo.errors import UserError
 from asympo.logprobs import token_logprobs
-from asympo.rollout.base import SamplingConfig
 from asympo.rollout.vllm import VLLMEngine
 
 PROMPTS = ["12+34=", "5+6=", "77+8="]
@@ -86,7 +86,7 @@ def test_a_seed_repeats_and_a_groups_samples_differ(engine):
 
 def test_a_weight_update_changes_outputs_version_and_logprobs(engine, tiny):
     """The update flips the (tied) embedding: vLLM's untied head must follow it, as the learner's does."""
-    from asympo.learner import publishable_weights
+    from asympo.models.weights import publishable_weights
 
     model, _ = tiny
     sampling = SamplingConfig(temperature=1.0, max_new_tokens=8)

@@ -49,7 +49,7 @@ def loads(monkeypatch):
     ],
 )
 def test_train_in_process(mode, extra, expected, tmp_path, loads):
-    from asympo.train import train
+    from asympo.trainer import train
 
     overrides = [f"runtime.mode={mode}", "steps=4", f"out={tmp_path}", *SMALL, *extra]
     result = train(build_config(TrainConfig, None, overrides), quiet=True)

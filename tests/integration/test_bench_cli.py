@@ -1,0 +1,62 @@
+"""`asympo bench` through the CLI: the quick mode runs every part end to end (its numbers are not checked),
+an unknown section is a clear error, and the backends section compares local, Ray and a served model. The
+learner's FLOP count and synthetic batch: tests/unit/test_bench.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+
+def test_quick_bench_runs_every_part_and_writes_its_table(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "asympo", "bench", "quick=true", f"out={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["quick"] and result["model"] == "tiny"
+    measures = [row["measure"] for row in result["table"]]
+    assert len(measures) == 9 and any("engine vs generate" in m for m in measures)
+    assert any("bf16 vs float32" in m for m in measures) and "flags:" in result["device"]
+    for precision in ("fp32", "bf16"):
+        part = result["precision"]["learner"][precision]
+        assert part["step_s"] > 0 and part["utilisation"] > 0 and part["peak_gflops"] > 0
+    assert result["precision"]["decode"]["bf16"] > 0 and result["precision"]["decode"]["speedup"] > 0
+    assert result["engine"]["engine"] > 0 and result["engine"]["generate"] > 0
+    assert result["learner"]["asympo_s"] > 0 and result["learner"]["peak_gflops"] > 0
+    assert result["learner"]["no_entropy_s"] > 0 and result["learner"]["entropy_ratio"] > 0
+    assert {"sync", "async"} <= set(result["runtime"]) and result["runtime"]["overlap_bound"] >= 1
+    assert "asympo bench" in done.stderr and "target" in done.stderr
+
+
+def test_bench_rejects_an_unknown_section(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "asympo", "bench", "sections=[nope]", f"out={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and "sections" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_quick_backends_bench_compares_local_ray_and_a_served_model(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "asympo", "bench", "quick=true", "sections=[backends]", f"out={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert set(result["backends"]) == {"local", "ray", "openai"}
+    assert all(r["samples_per_s"] > 0 for r in result["backends"].values())
+    assert [row["measure"] for row in result["table"]] == [
+        "train samples/s: async ray vs local",
+        "train samples/s: async openai vs local",
+    ]

@@ -1,0 +1,171 @@
+"""The Ray backend on a real local Ray: training learns, the staleness bound holds, a SIGKILLed rollout actor
+is replaced (and past the limit the run stops), a bad cluster address is a one-line error.
+
+Ray runs with token auth, as Ray 2.60 does by default, with the token in RAY_AUTH_TOKEN so that nothing is
+written to ~/.ray: the training subprocesses join the test's cluster the way a user joins one."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+from ray._private.authentication_test_utils import reset_auth_token_state  # Ray's own test helper
+from test_async import train_steps
+
+from asympo.config import ObjectiveConfig, OptimConfig, RolloutConfig, TaskConfig
+from asympo.data.tasks import train_stream
+from asympo.faults import RunAborted
+from asympo.learner import Learner
+from asympo.models.load import load_policy
+from asympo.rewards.exact import exact_match
+from asympo.runtime.ray_backend import RayRuntime
+from tests.small_runs import read_metrics
+
+AUTH = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+ROLLOUT = RolloutConfig(prompts_per_step=4, group_size=4, max_new_tokens=6)
+TRAIN = [sys.executable, "-m", "asympo", "train", "runtime.backend=ray", "eval_every=0", "progress=false"]
+SMALL_RUN = [*TRAIN, "save_model=false", "checkpoint_every=0"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """One local Ray for the module (~5 s, ~350 MB); yields its address."""
+    saved = {k: os.environ.get(k) for k in AUTH}
+    os.environ.update(AUTH)
+    reset_auth_token_state()  # Ray read RAY_AUTH_* when it was imported: make it read them again
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        reset_auth_token_state()
+
+
+def train_cli(out: Path, *overrides: str, wait: bool = True):
+    """`asympo train runtime.backend=ray` in a subprocess with the test's auth token and no RAY_ADDRESS."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | AUTH
+    args = [*SMALL_RUN, f"out={out}", *overrides]
+    if wait:
+        return subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def step_metrics(out: Path) -> list[dict]:
+    exists = (out / "metrics.jsonl").exists()
+    return [m for m in read_metrics(out) if "reward" in m] if exists else []
+
+
+def kill(actor) -> None:
+    """SIGKILL the actor's process: a crash, not a polite `ray.kill`."""
+    os.kill(ray.get(actor.pid.remote(), timeout=120), signal.SIGKILL)
+
+
+def test_a_bad_cluster_address_is_one_line_and_exit_code_2(tmp_path):
+    done = train_cli(tmp_path / "run", "runtime.ray_address=127.0.0.1:1", "steps=1")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "asympo: error: cannot reach the Ray cluster at 127.0.0.1:1: Connection refused"
+    ]
+
+
+def test_ray_training_starts_its_own_ray_learns_and_bounds_staleness(tmp_path):
+    """No address: the run starts (and stops) its own local Ray. 40 steps lift held-out accuracy."""
+    out = tmp_path / "run"
+    done = train_cli(out, "steps=40", "eval_samples=4", "task.test_size=100", "runtime.max_staleness=1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((out / "result.json").read_text())
+    assert result["version"] == 40 and result["skipped_steps"] == 0
+    assert result["accuracy_after"] >= result["accuracy_before"] + 0.03, result
+    steps = step_metrics(out)
+    assert [m["step"] for m in steps] == list(range(40))
+    assert max(int(k) for m in steps for k in m["staleness_hist"]) <= 1  # the admission bound holds
+    for m in steps:
+        assert {"buffer_groups", "worker_busy", "learner_busy", "wait_time", "dropped_stale"} <= set(m)
+        assert m["worker_restarts"] == 0 and m["lost_jobs"] == 0
+
+
+def test_runtime_versions_restart_and_restart_limit(cluster):
+    """In-process, on the test's Ray: new versions reach the actor, the bound holds, a killed actor is
+    replaced and batches keep coming; a second death passes max_worker_restarts=1 and stops the run."""
+    model, tokenizer = load_policy("tiny")
+    learner = Learner(model, ObjectiveConfig(name="pg"), OptimConfig(lr=1e-3, warmup_steps=0))
+    score = lambda items: [exact_match(text, answer) for text, answer in items]  # noqa: E731
+    stream = train_stream(TaskConfig(), 0)
+    runtime = RayRuntime(
+        "tiny", learner.weights(), 0, stream, score, ROLLOUT, seed=0, max_staleness=1, max_worker_restarts=1
+    )
+
+    def train(steps: int) -> list[tuple[int, list[int], dict]]:
+        return train_steps(learner, tokenizer, runtime, steps)
+
+    try:
+        assert runtime.owns_ray is False  # it uses the Ray that was already up, and leaves it up
+        seen = train(6)
+        for version, sample_versions, stats in seen:
+            assert len(sample_versions) == ROLLOUT.prompts_per_step * ROLLOUT.group_size
+            assert all(0 <= version - v <= 1 for v in sample_versions)
+            assert 0.0 <= stats["worker_busy"] <= 1.0
+        assert max(v for _, vs, _ in seen for v in vs) >= 3  # the actor really picks up published versions
+        kill(runtime.workers[0].actor)
+        seen = train(3)
+        assert runtime.counts["worker_restarts"] == 1 and seen[-1][2]["worker_restarts"] == 1
+        assert runtime.counts["lost_jobs"] >= 1
+        kill(runtime.workers[0].actor)
+        with pytest.raises(RunAborted, match="max_worker_restarts=1"):
+            train(3)
+    finally:
+        runtime.close()
+    assert runtime.cursor >= 9 * ROLLOUT.prompts_per_step
+    assert ray.is_initialized()
+
+
+def test_a_sigkilled_actor_mid_run_is_replaced_and_the_run_completes(cluster, tmp_path):
+    """`asympo train` joins the test's cluster with two actors; one is SIGKILLed after a few steps."""
+    out = tmp_path / "run"
+    mine = ray.get_runtime_context().namespace
+    run = train_cli(
+        out,
+        f"runtime.ray_address={cluster}",
+        "runtime.workers=2",
+        "steps=20",
+        "rollout.prompts_per_step=8",
+        "task.test_size=20",
+        "eval_samples=1",
+        wait=False,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while len(step_metrics(out)) < 3:
+            assert run.poll() is None, run.communicate()[1][-2000:]
+            assert time.monotonic() < deadline, "no training steps within 180 s"
+            time.sleep(0.2)
+        actors = [
+            a
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith("asympo-rollout-") and a["namespace"] != mine
+        ]
+        assert len(actors) == 2, actors
+        kill(ray.get_actor(actors[0]["name"], namespace=actors[0]["namespace"]))
+        _, stderr = run.communicate(timeout=240)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.communicate()
+    assert run.returncode == 0, stderr[-2000:]
+    steps = step_metrics(out)
+    assert [m["step"] for m in steps] == list(range(20))
+    assert steps[-1]["worker_restarts"] == 1 and steps[-1]["lost_jobs"] >= 1
+    assert max(int(k) for m in steps for k in m["staleness_hist"]) <= 2  # the default max_staleness

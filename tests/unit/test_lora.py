@@ -1,0 +1,112 @@
+"""LoRA through peft: a step changes only the adapters, engines get the merged model under the plain names,
+and a missing peft is a one-line error. Real runs (`final/` loads with peft, a resume continues exactly), Ray
+actors and the memory bench (a process per variant): tests/integration/test_lora_runs.py."""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import pytest
+import torch
+
+from asympo.batch import synthetic_batch
+from asympo.config import LoraConfig, ObjectiveConfig, OptimConfig, TrainConfig, build_config
+from asympo.errors import UserError
+from asympo.learner import Learner
+from asympo.models.device import CPU_FP32, engine_copy
+from asympo.models.load import load_policy
+from asympo.models.lora import adapter_weights, merged_weights, plain_copy
+from asympo.models.weights import publishable_weights
+
+peft = pytest.importorskip("peft")
+LORA = LoraConfig(rank=4, alpha=8.0)
+
+
+def lora_learner(**optim) -> Learner:
+    torch.manual_seed(0)
+    model, _ = load_policy("tiny")
+    return Learner(model, ObjectiveConfig(), OptimConfig(warmup_steps=0, lr=1e-2, **optim), lora=LORA)
+
+
+def one_step(learner: Learner) -> dict:
+    batch = synthetic_batch(learner.model.config.vocab_size, 8, 16)
+    return learner.step(batch)
+
+
+def test_a_lora_step_changes_only_the_adapters_and_the_merged_model_matches_peft():
+    learner = lora_learner()
+    before = {k: v.clone() for k, v in learner.model.state_dict().items()}
+    trainable = {k for k, p in learner.model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in k for k in trainable)
+    assert {id(p) for g in learner.optimizer.param_groups for p in g["params"]} == {
+        id(p) for p in learner.model.parameters() if p.requires_grad
+    }
+    one_step(learner)
+    assert learner.version == 1
+    after = learner.model.state_dict()
+    for name, value in before.items():
+        if name in trainable:
+            continue
+        assert torch.equal(after[name], value), name  # the frozen base: bit for bit
+    assert any(not torch.equal(after[k], before[k]) for k in trainable if "lora_B" in k)
+
+    reference = copy.deepcopy(learner.peft).merge_and_unload().state_dict()
+    merged = learner.weights(torch.float32)
+    assert merged.keys() <= reference.keys()
+    for name, value in merged.items():
+        torch.testing.assert_close(value, reference[name], rtol=1e-6, atol=1e-6)
+    assert any(not torch.equal(merged[k], before[k.replace(".weight", ".base_layer.weight")]) for k in merged
+               if k.replace(".weight", ".base_layer.weight") in before)  # fmt: skip
+
+
+def test_merged_weights_have_the_plain_models_names_and_format():
+    model, _ = load_policy("tiny")
+    plain = publishable_weights(model, torch.bfloat16)
+    learner = Learner(model, ObjectiveConfig(), OptimConfig(), lora=LORA)
+    merged = merged_weights(learner.peft, torch.bfloat16)
+    assert merged.keys() == plain.keys()
+    for name, value in merged.items():
+        assert (
+            value.dtype == plain[name].dtype
+            and value.shape == plain[name].shape
+            and value.device.type == "cpu"
+        )
+        assert torch.equal(value, plain[name])  # B starts at zero: merged = base
+    assert learner.weights(torch.float32).keys() == plain.keys()
+    assert set(adapter_weights(learner.model)) == {
+        k for k, p in learner.model.named_parameters() if p.requires_grad
+    }
+
+
+def test_engine_copies_are_plain_and_hold_the_merged_weights():
+    learner = lora_learner()
+    one_step(learner)
+    merged = learner.weights(torch.float32)
+    for copied in (engine_copy(learner.model, CPU_FP32), plain_copy(learner.model)):
+        assert not hasattr(copied, "peft_config")
+        state = copied.state_dict()
+        assert not any("lora_" in k or "base_layer" in k for k in state)
+        for name, value in merged.items():
+            assert torch.equal(state[name], value), name
+    # the learner's model still trains through its adapters
+    assert any(".lora_" in k for k in learner.model.state_dict())
+
+
+def test_missing_peft_is_a_one_line_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` raises ImportError
+    model, _ = load_policy("tiny")
+    with pytest.raises(UserError) as err:
+        Learner(model, ObjectiveConfig(), OptimConfig(), lora=LORA)
+    assert str(err.value) == "lora.rank > 0 needs peft: pip install 'asympo[lora]'"
+
+
+def test_lora_config_keys_and_bounds():
+    cfg = build_config(
+        TrainConfig, overrides=["lora.rank=8", "lora.alpha=32", "lora.target_modules=[q_proj]"]
+    )
+    assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules) == (8, 32.0, ["q_proj"])
+    assert TrainConfig().lora.rank == 0  # off by default: full fine-tuning
+    for bad in ("lora.rank=-1", "lora.alpha=0", "lora.dropout=1"):
+        with pytest.raises(UserError):
+            build_config(TrainConfig, overrides=[bad])
