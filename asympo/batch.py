@@ -86,3 +86,25 @@ def minibatches(batch: TrainBatch, count: int) -> list[TrainBatch]:
         return [batch]
     parts = [groups[i * len(groups) // count : (i + 1) * len(groups) // count] for i in range(count)]
     return [batch.select(torch.isin(batch.group_ids, torch.tensor(part)).nonzero()[:, 0]) for part in parts]
+
+
+def synthetic_batch(vocab: int, rows: int, length: int, seed: int = 0) -> TrainBatch:
+    """`rows` sequences of `length` random tokens, a quarter prompt and the rest response, in groups of 4,
+    with behaviour log-probs so the behaviour-corrected objectives run on the very same batch."""
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, vocab, (rows, length), generator=g)
+    response_mask = torch.zeros(rows, length - 1, dtype=torch.bool)
+    response_mask[:, length // 4 - 1 :] = True
+    advantages = torch.randn(rows, generator=g)
+    behaviour = torch.where(response_mask, -torch.rand(rows, length - 1, generator=g) - 10.0, 0.0)
+    return TrainBatch(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        response_mask=response_mask,
+        advantages=advantages,
+        rewards=torch.zeros(rows),
+        group_ids=torch.arange(rows) // 4,
+        versions=torch.zeros(rows, dtype=torch.long),
+        behaviour_logprobs=behaviour,
+    )
+

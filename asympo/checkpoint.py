@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from asympo.errors import UserError
 from asympo.io import atomic_write_text
+from asympo.models.lora import plain_state
 from asympo.models.tying import tied_aliases
 
 STEP_DIR = re.compile(r"step-(\d+)")
@@ -69,15 +70,15 @@ def _flatten(obj: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
     return obj
 
 
-def _unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+def unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     if isinstance(obj, list):
-        return [_unflatten(v, tensors) for v in obj]
+        return [unflatten(v, tensors) for v in obj]
     if isinstance(obj, dict):
         if "__tensor__" in obj:
             return tensors[obj["__tensor__"]]
         if "__tuple__" in obj:
-            return tuple(_unflatten(v, tensors) for v in obj["__tuple__"])
-        return {k: _unflatten(v, tensors) for k, v in obj["__items__"]}
+            return tuple(unflatten(v, tensors) for v in obj["__tuple__"])
+        return {k: unflatten(v, tensors) for k, v in obj["__items__"]}
     return obj
 
 
@@ -187,8 +188,6 @@ def _trained(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
     state dict for both, or under LoRA the adapters (the base is frozen: it reloads from the model setting)
     and the plain names of the merged weights."""
     if hasattr(model, "peft_config"):
-        from asympo.lora import plain_state
-
         return {k: p for k, p in model.named_parameters() if p.requires_grad}, plain_state(model)
     state = model.state_dict()
     return state, state
@@ -243,8 +242,8 @@ def load_checkpoint(
     with _corrupt(folder, "state.json"):
         if shards is None:
             model.load_state_dict(tensors["model"], strict=trained is published)  # LoRA: the adapters only
-            optimizer.load_state_dict(_unflatten(meta["optimizer"], tensors["optimizer"]))
-        scheduler.load_state_dict(_unflatten(meta["scheduler"], tensors["optimizer"]))
+            optimizer.load_state_dict(unflatten(meta["optimizer"], tensors["optimizer"]))
+        scheduler.load_state_dict(unflatten(meta["scheduler"], tensors["optimizer"]))
         torch.set_rng_state(tensors["rng"]["torch"])
         cuda = [tensors["rng"][f"cuda.{i}"] for i in range(len(tensors["rng"]) - 1)]
         if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():

@@ -12,10 +12,10 @@ from math import comb
 
 import torch
 
+from asympo.config import SamplingConfig
+from asympo.data.answers import last_boxed
 from asympo.data.tasks import Problem
-from asympo.rewards.answers import last_boxed
 from asympo.rewards.exact import exact_match
-from asympo.rollout.base import SamplingConfig
 from asympo.rollout.hf import HFEngine
 
 Scorer = Callable[[list[tuple[str, str]]], list[float]]

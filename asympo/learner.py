@@ -10,12 +10,13 @@ import torch
 from transformers import PreTrainedModel
 
 from asympo.batch import TrainBatch, micro_batches, minibatches
-from asympo.config import LoraConfig, OptimConfig
+from asympo.config import LoraConfig, ObjectiveConfig, OptimConfig
 from asympo.logprobs import token_logprobs, token_logprobs_entropy
 from asympo.models.device import CPU_FP32, Placement, engine_copy
-from asympo.models.tying import tied_aliases
+from asympo.models.lora import adapter_weights, apply_lora
+from asympo.models.weights import publishable_weights
 from asympo.objectives import compute_loss, get_objective
-from asympo.objectives.common import LossInputs, ObjectiveConfig, masked
+from asympo.objectives.common import LossInputs, masked
 
 # normalised over the whole batch (responses or tokens), so micro-batches' values add up
 SUMMED = ("loss", "loss_pos", "loss_neg", "kl_ref", "entropy")
@@ -58,26 +59,6 @@ def adamw(model: PreTrainedModel, optim: OptimConfig) -> torch.optim.AdamW:
         return torch.optim.AdamW(params, **kwargs)
 
 
-def publishable_weights(model: torch.nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """A detached CPU copy to publish to rollout engines, in the engines' dtype (`dtype`: bf16 halves what
-    each version costs to copy, keep and send). A tied alias (`lm_head.weight` sharing the embedding) is
-    left out, as `save_pretrained` does: engines load it through their own tie, and each published version
-    is one embedding smaller (113 MB for SmolLM2 in float32). A model with LoRA adapters gives its merged
-    weights under the plain names (asympo.lora.merged_weights), so every engine loads it as before."""
-    if hasattr(model, "peft_config"):
-        from asympo.lora import merged_weights
-
-        return merged_weights(model, dtype)
-    state = model.state_dict()
-    aliases = tied_aliases(state)
-    # cast where the tensor lives, then copy: a GPU sends bf16 over the bus, not float32 to convert here
-    return {
-        name: t.detach().to(dtype=dtype if t.is_floating_point() else None, copy=True).cpu()
-        for name, t in state.items()
-        if name not in aliases
-    }
-
-
 def combine_updates(updates: list[dict[str, float]]) -> dict[str, float]:
     """One batch's metrics from its updates'; a single update's come back as they are."""
     if len(updates) == 1:
@@ -113,8 +94,6 @@ class Learner:
         self.placement = placement
         self.peft = None  # lora.rank > 0: the PeftModel; its adapters are injected into `model` itself
         if lora is not None and lora.rank > 0:
-            from asympo.lora import apply_lora
-
             self.peft = apply_lora(model, lora)
         model = model.to(placement.device).train()
         self.objective = objective
@@ -159,8 +138,6 @@ class Learner:
 
     def adapters(self) -> dict[str, torch.Tensor]:
         """Under LoRA, the adapter tensors alone (float32 CPU copies): what Ray actors receive."""
-        from asympo.lora import adapter_weights
-
         return adapter_weights(self.model)
 
     def step(self, batch: TrainBatch) -> dict[str, float]:

@@ -21,6 +21,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from asympo.errors import UserError
 from asympo.io import atomic_write_text
 from asympo.rollout.base import Sample
 
@@ -90,10 +91,8 @@ class MetricsLog:
         self.tb = None
         if tensorboard:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # the `tensorboard` extra
             except ImportError:
-                from asympo.errors import UserError
-
                 raise UserError(
                     "tensorboard=true needs the tensorboard package: pip install 'asympo[tensorboard]'"
                 ) from None
@@ -125,8 +124,6 @@ class MetricsLog:
 
 
 def _start_wandb(out: Path, settings: WandbSettings) -> Any:
-    from asympo.errors import UserError
-
     try:
         import wandb
     except ImportError:

@@ -13,15 +13,16 @@ from pathlib import Path
 
 import torch
 
-from asympo.config import SFTConfig
+from asympo.config import SamplingConfig, SFTConfig
 from asympo.data.tasks import Problem, held_out_problems, train_stream
 from asympo.errors import UserError
 from asympo.evaluate import held_out_accuracy
-from asympo.io import atomic_write_text, ensure_writable_dir, save_model_atomic
+from asympo.io import atomic_write_text, ensure_writable_dir
 from asympo.metrics import console, progress_bar
 from asympo.models.device import resolve
+from asympo.models.load import cache_dir, tiny_checkpoint
 from asympo.models.tiny import build_model, build_tokenizer
-from asympo.rollout.base import SamplingConfig
+from asympo.models.weights import save_model_atomic
 from asympo.rollout.hf import HFEngine
 
 
@@ -96,3 +97,12 @@ def run_sft(cfg: SFTConfig) -> dict:
         f" after {cfg.steps} steps -> {out}"
     )
     return summary
+
+
+def ensure_tiny(model: str) -> None:
+    """`model=tiny` needs the warm-started tiny model: shipped with the package, else made here once (a few
+    minutes) into the cache, where every later run and worker finds it."""
+    if model != "tiny" or tiny_checkpoint() is not None:
+        return
+    console.print("No warm-started tiny model yet: running `asympo sft` first (a few minutes, once).")
+    run_sft(SFTConfig(out=str(cache_dir() / "tiny-sft")))

@@ -16,7 +16,7 @@ import time
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from asympo.rollout.base import SamplingConfig
+from asympo.config import SamplingConfig
 from asympo.rollout.hf import HFEngine
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import subprocess
 import time
 from pathlib import Path
@@ -21,9 +20,10 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from asympo.bench.engine import make_prompts, useful_tokens
+from asympo.config import SamplingConfig
 from asympo.errors import UserError
+from asympo.lifetime import child_env
 from asympo.models.device import Placement, engine_copy
-from asympo.rollout.base import SamplingConfig
 from asympo.rollout.hf import HFEngine
 
 
@@ -43,7 +43,7 @@ class VLLMLeg:
 
     def __init__(self, python: Path, job: dict, log: Path):
         self.log = log.open("w")
-        env = os.environ | {"PYTHONUNBUFFERED": "1"}
+        env = child_env() | {"PYTHONUNBUFFERED": "1"}
         self.process = subprocess.Popen(
             [str(python), "-m", "asympo.bench.vllm_leg"],
             stdin=subprocess.PIPE,
@@ -180,7 +180,7 @@ def learning_runs(interpreter: Path, steps: int, seed: int, out: Path, say=print
         command += [f"steps={steps}", f"rollout.engine={engine}", f"seed={seed}", f"out={folder}"]
         command += ["progress=false", "save_model=false", "checkpoint_every=0", "eval_every=0"]
         start = time.perf_counter()
-        done = subprocess.run(command, capture_output=True, text=True)
+        done = subprocess.run(command, capture_output=True, text=True, env=child_env())
         if done.returncode:
             raise RuntimeError(f"the {engine} learning run failed: {done.stderr.strip()[-2000:]}")
         result = json.loads((folder / "result.json").read_text())

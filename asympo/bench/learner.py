@@ -16,32 +16,10 @@ import time
 import torch
 from transformers import PreTrainedModel
 
-from asympo.batch import TrainBatch
-from asympo.config import OptimConfig
+from asympo.batch import TrainBatch, synthetic_batch
+from asympo.config import ObjectiveConfig, OptimConfig
 from asympo.learner import Learner
 from asympo.models.device import CPU_FP32, Placement
-from asympo.objectives.common import ObjectiveConfig
-
-
-def synthetic_batch(vocab: int, rows: int, length: int, seed: int = 0) -> TrainBatch:
-    """`rows` sequences of `length` random tokens, a quarter prompt and the rest response, in groups of 4,
-    with behaviour log-probs so the behaviour-corrected objectives run on the very same batch."""
-    g = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(0, vocab, (rows, length), generator=g)
-    response_mask = torch.zeros(rows, length - 1, dtype=torch.bool)
-    response_mask[:, length // 4 - 1 :] = True
-    advantages = torch.randn(rows, generator=g)
-    behaviour = torch.where(response_mask, -torch.rand(rows, length - 1, generator=g) - 10.0, 0.0)
-    return TrainBatch(
-        input_ids=input_ids,
-        attention_mask=torch.ones_like(input_ids),
-        response_mask=response_mask,
-        advantages=advantages,
-        rewards=torch.zeros(rows),
-        group_ids=torch.arange(rows) // 4,
-        versions=torch.zeros(rows, dtype=torch.long),
-        behaviour_logprobs=behaviour,
-    )
 
 
 def step_flops(model: PreTrainedModel, batch: TrainBatch) -> float:

@@ -15,6 +15,15 @@ import multiprocessing as mp
 import re
 from pathlib import Path
 
+import torch
+
+from asympo.batch import synthetic_batch
+from asympo.config import LoraConfig, ObjectiveConfig, OptimConfig
+from asympo.learner import Learner
+from asympo.lifetime import exit_with_parent
+from asympo.models.device import resolve
+from asympo.models.load import load_policy
+
 
 def _status_kib(field: str) -> int:
     text = Path("/proc/self/status").read_text()
@@ -24,15 +33,6 @@ def _status_kib(field: str) -> int:
 def _one_step(model_name: str, rank: int, rows: int, length: int, device: str, precision: str, threads: int):
     """In the child: load, then one learner step (LoRA when rank > 0); the bytes it added at its peak."""
     import peft  # noqa: F401 - before the baseline, in both variants: its modules are no part of a step
-    import torch
-
-    from asympo.bench.learner import synthetic_batch
-    from asympo.config import LoraConfig, OptimConfig
-    from asympo.learner import Learner
-    from asympo.models.device import resolve
-    from asympo.models.load import load_policy
-    from asympo.objectives.common import ObjectiveConfig
-
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model, tokenizer = load_policy(model_name)
@@ -58,6 +58,7 @@ def _one_step(model_name: str, rank: int, rows: int, length: int, device: str, p
 
 
 def _run(args: tuple, out: mp.Queue) -> None:
+    exit_with_parent()
     out.put(_one_step(*args))
 
 

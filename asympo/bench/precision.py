@@ -18,13 +18,12 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from asympo.batch import synthetic_batch
 from asympo.bench.engine import make_prompts, useful_tokens
-from asympo.bench.learner import alternate_steps, matmul_peak, step_flops, synthetic_batch
-from asympo.config import OptimConfig
+from asympo.bench.learner import alternate_steps, matmul_peak, step_flops
+from asympo.config import ObjectiveConfig, OptimConfig, SamplingConfig
 from asympo.learner import Learner
 from asympo.models.device import Placement, engine_copy
-from asympo.objectives.common import ObjectiveConfig
-from asympo.rollout.base import SamplingConfig
 from asympo.rollout.hf import HFEngine
 
 BF16_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")

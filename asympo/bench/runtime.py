@@ -17,6 +17,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 from asympo.errors import UserError
+from asympo.lifetime import child_env
 
 # name -> the overrides that select it; every variant trains the same model on the same batches
 VARIANTS = {"sync": ["runtime.mode=sync"], "async": ["runtime.mode=async"]}
@@ -25,7 +26,8 @@ VARIANTS = {"sync": ["runtime.mode=sync"], "async": ["runtime.mode=async"]}
 def train_run(overrides: list[str], steps: int, out: Path, extra: list[str]) -> dict:
     args = [f"steps={steps}", f"out={out}", "eval_every=0", "eval_samples=1", "task.test_size=20"]
     args += ["progress=false", "save_model=false", "checkpoint_every=0", *overrides, *extra]
-    done = subprocess.run([sys.executable, "-m", "asympo", "train", *args], capture_output=True, text=True)
+    command = [sys.executable, "-m", "asympo", "train", *args]
+    done = subprocess.run(command, capture_output=True, text=True, env=child_env())
     if done.returncode:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise UserError(f"bench run {' '.join(overrides)} failed: {last}")
@@ -67,7 +69,9 @@ def compare_runtimes(
 def served_tiny(threads: int = 1) -> Iterator[str]:
     """`asympo serve` with the tiny model in its own process, for the OpenAI-engine variant: its URL."""
     args = [sys.executable, "-m", "asympo", "serve", "port=0", f"threads={threads}"]
-    server = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    server = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=child_env()
+    )
     try:
         first = server.stdout.readline()  # "asympo serve: listening on http://127.0.0.1:PORT/v1 (...)"
         if "listening on " not in first:

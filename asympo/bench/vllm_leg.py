@@ -14,6 +14,10 @@ import os
 import sys
 import time
 
+import torch
+
+from asympo.config import SamplingConfig
+
 
 def main() -> int:
     job = json.loads(sys.stdin.readline())
@@ -24,9 +28,8 @@ def main() -> int:
     sys.stdout.flush()
     out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
-    import torch
 
-    from asympo.rollout.vllm import VLLMEngine
+    from asympo.rollout.vllm import VLLMEngine  # the `vllm` extra, after the redirect: its prints go to 2
 
     start = time.perf_counter()
     engine = VLLMEngine(
@@ -44,8 +47,6 @@ def main() -> int:
 
 
 def serve(engine, job: dict, out, start: float) -> None:
-    from asympo.rollout.base import SamplingConfig
-
     sampling = SamplingConfig(**job["sampling"])
     prompts, n = job["prompts"], job["n"]
     engine.generate_ids(prompts[:2], 2, sampling)  # warm-up

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from asympo.data.answers import last_boxed
 from asympo.errors import UserError
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -77,8 +78,6 @@ def extract_answer(value: Any, answer_format: str) -> str:
             raise BadRow("answer has no '#### <final answer>' line")
         text = text.rsplit("####", 1)[1].strip().replace(",", "")
     elif answer_format == "boxed":
-        from asympo.rewards.answers import last_boxed
-
         text = last_boxed(text) or ""
         if not text:
             raise BadRow("answer has no \\boxed{} final answer")

@@ -7,6 +7,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub.constants as hub_constants
+
 from asympo.errors import UserError
 from asympo.models.hub import hub_reachable
 
@@ -14,8 +16,7 @@ from asympo.models.hub import hub_reachable
 @contextlib.contextmanager
 def offline() -> Iterator[None]:
     """Make `datasets` read only its local cache, for when the hub cannot be reached."""
-    import datasets.config
-    import huggingface_hub.constants as hub_constants
+    import datasets.config  # the `real` extra
 
     saved = datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE
     datasets.config.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE = True

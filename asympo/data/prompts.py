@@ -3,38 +3,10 @@ the tokenizer's chat template when the model has one."""
 
 from __future__ import annotations
 
-from typing import Literal
-
-from pydantic import BaseModel, ConfigDict, field_validator
 from transformers import PreTrainedTokenizerBase
 
+from asympo.config import PromptConfig
 from asympo.errors import UserError
-
-
-class FewShot(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    question: str
-    response: str  # the full worked answer shown to the model, e.g. ending in \boxed{47}
-
-
-class PromptConfig(BaseModel):
-    """`{question}` in the template is the problem text; `{expression}` is the same without a trailing '='
-    (handy for the arithmetic task: 'What is {expression}?'). Braces are otherwise literal: \\boxed{}."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    template: str = "{question}"
-    system: str | None = None
-    fewshot: list[FewShot] = []
-    chat: Literal["auto", "on", "off"] = "auto"  # auto: the chat template when the tokenizer has one
-
-    @field_validator("template")
-    @classmethod
-    def _has_question(cls, template: str) -> str:
-        if "{question}" not in template and "{expression}" not in template:
-            raise ValueError("the template must contain {question} or {expression}")
-        return template
 
 
 class Prompter:

@@ -11,17 +11,10 @@ import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from asympo.config import TaskConfig
 from asympo.data.files import FILE_SUFFIXES, Row, check_rows, raw_rows
 from asympo.data.hub import dataset_records
-from asympo.data.tasks import (
-    VALIDATION_BUCKET,
-    Problem,
-    TaskConfig,
-    bucket,
-    held_out_problems,
-    is_test,
-    train_stream,
-)
+from asympo.data.tasks import VALIDATION_BUCKET, Problem, bucket, held_out_problems, is_test, train_stream
 from asympo.errors import UserError
 
 

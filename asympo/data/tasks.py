@@ -12,45 +12,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-
+from asympo.config import TaskConfig
 from asympo.errors import UserError
 
 BUCKETS = 10  # one problem in ten is held out for testing; with validation_size > 0 another one in ten
 TEST_BUCKET, VALIDATION_BUCKET = 0, 1
-
-
-class TaskConfig(BaseModel):
-    """Where problems come from: the built-in arithmetic (`12+34-56=`) or a dataset of question/answer rows.
-    Dataset fields are ignored by arith and arith fields by datasets."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = "arith"  # "arith", a .jsonl / .json / .parquet file, a dataset folder, or a hub id (org/name)
-    operands: int = Field(2, ge=2, le=8)  # arith only, like digits and ops
-    digits: int = Field(2, ge=1, le=6)
-    ops: str = "+"
-    subset: str | None = None  # datasets: the hub config name, e.g. "main" for openai/gsm8k
-    split: str = "train"  # datasets: the split to train on (hub ids and folders)
-    test: str = (
-        ""  # datasets: held-out split name or file; "" holds out 1 row in 10 by a hash of its question
-    )
-    question_field: str = "question"
-    answer_field: str = "answer"
-    answer_format: Literal["plain", "gsm8k", "boxed"] = "plain"  # gsm8k: after '####'; boxed: last \boxed{}
-    skip_bad_rows: bool = False  # skip and count bad rows instead of stopping at the first one
-    test_size: int = Field(200, ge=1)  # held-out problems used (datasets: at most this many)
-    # > 0: also hold out a validation set (a second hash bucket, never trained on), scored after training;
-    # studies choose hyper-parameters on it so that the test set is never looked at to choose
-    validation_size: int = Field(0, ge=0)
-    seed: int = 1234  # fixes the arith test set; the train stream is seeded by the run's seed
-
-    @field_validator("ops")
-    @classmethod
-    def _known_ops(cls, v: str) -> str:
-        if not v or set(v) - set("+-"):
-            raise ValueError(f"ops must be a non-empty subset of '+-', got {v!r}")
-        return v
 
 
 @dataclass(frozen=True)

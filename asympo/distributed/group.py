@@ -10,14 +10,23 @@ import os
 import subprocess
 import sys
 from datetime import timedelta
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 
 from asympo.errors import UserError
+from asympo.lifetime import child_env
 
 # rank 0 generates and evaluates while the others wait in a broadcast: give them as long as a slow step
 TIMEOUT = timedelta(hours=2)
+
+
+# torchrun's agent, made to end with this launcher (its ranks, in sessions of their own, watch it too)
+AGENT = (
+    "from asympo.lifetime import exit_with_launcher; exit_with_launcher(); "
+    "from torch.distributed.run import main; main()"
+)
 
 
 def world_size() -> int:
@@ -26,6 +35,14 @@ def world_size() -> int:
 
 def rank() -> int:
     return int(os.environ.get("RANK", "0"))
+
+
+def role(processes: int) -> Literal["single", "launch", "rank"]:
+    """How this process takes part in a run of `processes` learner ranks, decided here only: `rank` inside a
+    process group someone started (torchrun, Ray), `launch` to start `processes` ranks, else `single`."""
+    if world_size() > 1:
+        return "rank"
+    return "launch" if processes > 1 else "single"
 
 
 def local_device(name: str) -> str:
@@ -61,13 +78,13 @@ def launch(processes: int, argv: list[str]) -> int:
     """Run `asympo <argv>` as `processes` ranks under torchrun on this machine; its exit status."""
     command = [
         sys.executable,
-        "-m",
-        "torch.distributed.run",
+        "-c",
+        AGENT,
         "--standalone",
         f"--nproc_per_node={processes}",
         "--module",
         "asympo",
         *argv,
     ]
-    env = os.environ | {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env = child_env() | {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     return subprocess.run(command, env=env).returncode

@@ -32,10 +32,11 @@ from torch.distributed.fsdp import fully_shard
 from transformers import PreTrainedModel
 
 from asympo.batch import TrainBatch, micro_batches
-from asympo.checkpoint import _unflatten
-from asympo.learner import Learner, publishable_weights
+from asympo.checkpoint import unflatten
+from asympo.learner import Learner
 from asympo.logprobs import score_tokens
 from asympo.models.tying import tied_aliases
+from asympo.models.weights import publishable_weights
 
 PARTING_TIMEOUT = timedelta(seconds=30)  # how long the ranks wait for each other at the end of a run
 
@@ -158,7 +159,7 @@ class ShardedLearner(Learner):
         if self.rank != 0:  # rank 0 restores these in asympo.checkpoint.load_checkpoint
             meta = json.loads((folder.parent / "state.json").read_text())
             self.version, self.skipped_steps = meta["train"]["version"], meta["train"]["skipped_steps"]
-            self.scheduler.load_state_dict(_unflatten(meta["scheduler"], {}))  # LambdaLR's: no tensors
+            self.scheduler.load_state_dict(unflatten(meta["scheduler"], {}))  # LambdaLR's: no tensors
 
     # --- the pieces of a step that differ across ranks --------------------------------------------------
 

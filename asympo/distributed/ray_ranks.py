@@ -12,13 +12,17 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 
 from asympo.config import TrainConfig
+from asympo.distributed import group
+from asympo.distributed.run import check_supported, follow
 from asympo.errors import UserError
 from asympo.faults import RunAborted
+from asympo.metrics import console
 
 PLACE_TIMEOUT = 300.0  # seconds for Ray to place and start the follower actors
 FOLLOWER_GRACE = 30.0  # seconds to let the followers return after the run, or to see which one failed
@@ -51,7 +55,7 @@ def rank_env(rank: int, world: int, address: str, port: int) -> dict[str, str]:
 
 
 def _actor_class():
-    import ray
+    import ray  # the `ray` extra
 
     @ray.remote(max_restarts=0)
     class LearnerRank:
@@ -65,9 +69,6 @@ def _actor_class():
             return os.getpid()
 
         def follow(self, cfg_json: str) -> None:
-            from asympo.distributed import group
-            from asympo.distributed.run import follow
-
             cfg = TrainConfig.model_validate_json(cfg_json)
             group.start(torch.device(group.local_device(cfg.device)))
             try:
@@ -80,7 +81,7 @@ def _actor_class():
 
 def check_resources(cfg: TrainConfig, followers: int, gpus: bool) -> None:
     """Actors asking for more than the cluster has would wait forever: say so before any starts."""
-    import ray
+    import ray  # the `ray` extra
 
     have = ray.cluster_resources()
     rollout = cfg.runtime.workers * cfg.runtime.worker_threads if cfg.runtime.mode == "async" else 0
@@ -98,13 +99,12 @@ def check_resources(cfg: TrainConfig, followers: int, gpus: bool) -> None:
         )
 
 
-def train_ray_ranks(cfg: TrainConfig, quiet: bool = False) -> dict:
-    """Start N-1 follower actors, join them as rank 0, run; a dead follower becomes RunAborted."""
-    import ray
+def train_ray_ranks(cfg: TrainConfig, lead: Callable[[], dict], quiet: bool = False) -> dict:
+    """Start N-1 follower actors, join them as rank 0 and run `lead` (rank 0's part,
+    asympo.trainer.train_ranks); a dead follower becomes RunAborted."""
+    import ray  # the `ray` extra
 
-    from asympo.distributed import group
-    from asympo.distributed.run import check_supported, train_ranks
-    from asympo.runtime.ray_backend import connect
+    from asympo.runtime.ray_backend import connect  # the `ray` extra
 
     check_supported(cfg)
     world = cfg.learner.processes
@@ -133,14 +133,12 @@ def train_ray_ranks(cfg: TrainConfig, quiet: bool = False) -> dict:
             ) from None
         follows = [a.follow.remote(cfg.model_dump_json()) for a in actors]
         if not quiet:
-            from asympo.metrics import console
-
             console.print(
                 f"learner: rank 0 here, ranks 1-{world - 1} Ray actors; the group meets at {address}:{port}"
             )
         os.environ.update(rank_env(0, world, address, port))
         try:
-            return train_ranks(cfg, quiet)
+            return lead()
         except (dist.DistError, RuntimeError) as error:
             failed = dead_follower(follows)
             if failed or isinstance(error, dist.DistError):
@@ -167,7 +165,7 @@ def train_ray_ranks(cfg: TrainConfig, quiet: bool = False) -> dict:
 def dead_follower(follows: list) -> str:
     """Which follower ended with an error. Ray learns of a death after the socket does, so wait for it, up to
     FOLLOWER_GRACE, and no longer than the first failed follower (the live ones never return here)."""
-    import ray
+    import ray  # the `ray` extra
 
     pending, deadline = list(follows), time.monotonic() + FOLLOWER_GRACE
     while pending and (left := deadline - time.monotonic()) > 0:

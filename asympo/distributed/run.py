@@ -1,4 +1,5 @@
-"""`asympo train` on N ranks: rank 0 runs the Trainer with a ShardedLearner, the others follow it."""
+"""`asympo train` on N ranks: what every rank agrees on, and the followers' part (rank 0 runs the Trainer,
+asympo.trainer.train_ranks)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import torch.distributed as dist
 
 from asympo.config import TrainConfig
 from asympo.distributed import group
+from asympo.distributed.learner import ShardedLearner
 from asympo.errors import UserError
 from asympo.models.device import Placement, resolve
+from asympo.models.load import load_policy
 
 
 def check_supported(cfg: TrainConfig) -> None:
@@ -25,28 +28,8 @@ def agreed_placement(cfg: TrainConfig, model: torch.nn.Module) -> Placement:
     return resolve(device, choice[0], model)
 
 
-def train_ranks(cfg: TrainConfig, quiet: bool = False) -> dict:
-    """This rank's part of a data-parallel run; rank 0 returns the run's result, the others {}."""
-    from asympo.train import Trainer
-
-    check_supported(cfg)
-    group.check_processes(cfg.learner.processes)
-    device = torch.device(group.local_device(cfg.device))
-    group.start(device)
-    try:
-        if dist.get_rank() == 0:
-            return Trainer(cfg, quiet).run()
-        follow(cfg)
-        return {}
-    finally:
-        group.stop()
-
-
 def follow(cfg: TrainConfig) -> None:
     """A rank > 0: the same model and learner as rank 0's, driven by rank 0 until the run ends."""
-    from asympo.distributed.learner import ShardedLearner
-    from asympo.models.load import load_policy
-
     torch.manual_seed(cfg.seed)
     model, _ = load_policy(cfg.model)
     placement = agreed_placement(cfg, model)

@@ -1,5 +1,5 @@
 """One ShardedLearner step on a fixed batch, run under torchrun; rank 0 saves the step's metrics and the
-updated full weights. The equivalence test (tests/test_distributed.py) and the GPU check
+updated full weights. The equivalence test (tests/integration/test_distributed.py) and the GPU check
 (benchmarks/gpu_check.py) compare them with one process's step on the same batch:
 
     torchrun --nproc_per_node N -m asympo.distributed.selfcheck OUT.pt [objective] [micro_batch] [device]
@@ -11,12 +11,12 @@ import sys
 
 import torch
 
-from asympo.bench.learner import synthetic_batch
-from asympo.config import OptimConfig
+from asympo.batch import synthetic_batch
+from asympo.config import ObjectiveConfig, OptimConfig
 from asympo.distributed import group
+from asympo.distributed.learner import ShardedLearner
 from asympo.models.device import Placement
 from asympo.models.load import load_policy
-from asympo.objectives.common import ObjectiveConfig
 
 ROWS, LENGTH, LR = 24, 16, 1e-3  # 6 groups of 4 responses
 
@@ -29,8 +29,6 @@ def reference_inputs(micro_batch: int, vocab: int):
 
 
 def main(out: str, objective: str = "asympo", micro_batch: int = 8, device: str = "cpu") -> None:
-    from asympo.distributed.learner import ShardedLearner
-
     placement = Placement(torch.device(group.local_device(device)), "fp32")
     group.start(placement.device)
     try:

@@ -16,7 +16,8 @@ try:
 except ImportError as e:  # an optional extra: say how to get it
     raise ImportError("asympo.integrations.trl needs TRL: pip install 'asympo[trl]'") from e
 
-from asympo.objectives import LossInputs, ObjectiveConfig, ObjectiveError, compute_loss, get_objective
+from asympo.config import ObjectiveConfig
+from asympo.objectives import LossInputs, ObjectiveError, compute_loss, get_objective
 
 GROUP_KEY = "asympo_group_ids"
 # Extra forward inputs TRL hands its log-prob helper for vision-language models; passed through unchanged.

@@ -39,7 +39,8 @@ try:
 except ImportError as e:  # an optional extra: say how to get it
     raise ImportError("asympo.integrations.verl needs verl: pip install 'asympo[verl]'") from e
 
-from asympo.objectives import LossInputs, ObjectiveConfig, ObjectiveError, compute_loss, get_objective
+from asympo.config import ObjectiveConfig
+from asympo.objectives import LossInputs, ObjectiveError, compute_loss, get_objective
 
 LOSS_MODES = ("asympo", "spo", "spo_pos", "pg")
 # ObjectiveConfig knobs that may be set on verl's policy-loss config, where verl's config allows it.

@@ -15,27 +15,19 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import re
 import time
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
+from asympo.config import Precision, check_device_name
 from asympo.errors import UserError
+from asympo.models.lora import strip_into
 
-Precision = Literal["auto", "fp32", "bf16"]
-DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 CPU_BF16_MARGIN = 2.0  # bf16 must beat float32 matmuls by this factor on a CPU before auto picks it
 CPU_BF16_MIN_PARAMS = 20_000_000  # and the model must be at least this big
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def check_device_name(name: str) -> str:
-    """For config validators: the form only (whether the device exists is decided at run time)."""
-    if not DEVICE_PATTERN.match(name):
-        raise ValueError(f"device must be auto, cpu, cuda or cuda:N (got '{name}')")
-    return name
 
 
 def resolve_device(name: str) -> torch.device:
@@ -177,8 +169,6 @@ def engine_copy(model: torch.nn.Module, placement: Placement) -> torch.nn.Module
         dtype = placement.dtype if floating else None
         memo.setdefault(id(tensor), tensor.to(placement.device, dtype=dtype, copy=True))
     if hasattr(model, "peft_config"):  # LoRA: the plain architecture holding the merged weights
-        from asympo.lora import strip_into
-
         return strip_into(copy.deepcopy(getattr(model, "get_base_model", lambda: model)(), memo), model)
     return copy.deepcopy(model, memo)
 

@@ -6,14 +6,14 @@ import os
 import socket
 from urllib.parse import urlparse
 
+from huggingface_hub import constants
+
 from asympo.errors import UserError
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         return False
-    from huggingface_hub import constants
-
     url = urlparse(constants.ENDPOINT)
     port = url.port or (443 if url.scheme == "https" else 80)
     try:

@@ -20,10 +20,13 @@ from transformers import (
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
+from transformers.utils import logging as hf_logging
 
+from asympo.config import TinyModelConfig
 from asympo.errors import UserError
 from asympo.models.hub import require_hub
-from asympo.models.tiny import TinyModelConfig, build_model, build_tokenizer
+from asympo.models.tiny import build_model, build_tokenizer
+from asympo.models.weights import save_model_atomic
 
 BUILTIN_TINY = Path(__file__).resolve().parent.parent / "assets" / "tiny-sft"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -99,7 +102,6 @@ def load_gguf(gguf: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     model.hf_quantizer = None  # save_pretrained refuses a GGUF-loaded model while these are set
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    from asympo.io import save_model_atomic
 
     cached.parent.mkdir(parents=True, exist_ok=True)
     save_model_atomic(model, tokenizer, cached)
@@ -124,15 +126,11 @@ def load_hub(name: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
 
 
 def load_policy(name: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    hf_logging.disable_progress_bar()  # weight loading's bars would break the run's own progress display
     if name == "tiny":
         path = tiny_checkpoint()
-        if path is None:
-            from asympo.config import SFTConfig
-            from asympo.sft import run_sft
-
-            print("No warm-started tiny model yet: running `asympo sft` first (a few minutes, once).")
-            path = cache_dir() / "tiny-sft"
-            run_sft(SFTConfig(out=str(path)))
+        if path is None:  # the commands make it first (asympo.sft.ensure_tiny)
+            raise UserError(f"no warm-started tiny model: run `asympo sft out={cache_dir() / 'tiny-sft'}`")
         return load_folder(path)
     if name == "tiny-random":
         tokenizer = build_tokenizer()

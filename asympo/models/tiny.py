@@ -9,26 +9,14 @@ from __future__ import annotations
 import string
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from asympo.config import TinyModelConfig
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIAL_TOKENS = [PAD, BOS, EOS, UNK]
 CHARS = string.digits + "+-*/=()., " + string.ascii_letters + "?!:;'\"#%$&<>[]{}_^\\|~`@\n"
-
-
-class TinyModelConfig(BaseModel):
-    """Shape of the tiny model; the defaults are ~1M parameters."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    hidden_size: int = Field(128, gt=0)
-    num_layers: int = Field(4, gt=0)
-    num_heads: int = Field(4, gt=0)
-    num_kv_heads: int = Field(2, gt=0)
-    intermediate_size: int = Field(384, gt=0)
-    max_positions: int = Field(128, gt=8)
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from asympo.config import ObjectiveConfig
 from asympo.objectives.common import (
     LossInputs,
-    ObjectiveConfig,
     advantages,
     aggregate,
     current_logprobs,
@@ -19,6 +19,7 @@ from asympo.objectives.common import (
     lengths,
     token_mean,
 )
+from asympo.objectives.registry import register, register_diagnostics
 
 
 def _clipped_surrogate(ratio: Tensor, adv: Tensor, low: float, high: float) -> Tensor:
@@ -41,16 +42,19 @@ def _ppo(inputs: LossInputs, cfg: ObjectiveConfig, high: float, how: str) -> tup
     return aggregate(token_loss, inputs, cfg.aggregation or how)
 
 
+@register("grpo", advantage="group_norm", aggregation="response", needs_behaviour=True)
 def grpo(inputs: LossInputs, cfg: ObjectiveConfig) -> tuple[Tensor, Tensor]:
     """GRPO without KL: token-ratio clipped surrogate, mean over a response's tokens, then over responses."""
     return _ppo(inputs, cfg, 1 + cfg.clip_eps, "response")
 
 
+@register("dapo", advantage="group_norm", aggregation="token", needs_behaviour=True)
 def dapo(inputs: LossInputs, cfg: ObjectiveConfig) -> tuple[Tensor, Tensor]:
     """DAPO: clip-higher (1 - clip_eps, 1 + clip_eps_high) and a token-level mean over the batch."""
     return _ppo(inputs, cfg, 1 + cfg.clip_eps_high, "token")
 
 
+@register("dr_grpo", advantage="mean", aggregation="constant", needs_behaviour=True)
 def dr_grpo(inputs: LossInputs, cfg: ObjectiveConfig) -> tuple[Tensor, Tensor]:
     """Dr.GRPO: no std in the advantage, and a constant length normaliser (no length bias)."""
     return _ppo(inputs, cfg, 1 + cfg.clip_eps, "constant")
@@ -62,6 +66,7 @@ def _sequence_ratio(inputs: LossInputs) -> Tensor:
     return torch.exp(log_ratio.sum(-1) / lengths(inputs.mask, log_ratio.dtype))
 
 
+@register("gspo", advantage="group_norm", aggregation="response", needs_behaviour=True)
 def gspo(inputs: LossInputs, cfg: ObjectiveConfig) -> tuple[Tensor, Tensor]:
     """GSPO: one clipped ratio per response, so a single odd token cannot veto a whole sequence."""
     loss = _clipped_surrogate(_sequence_ratio(inputs), advantages(inputs), 1 - cfg.gspo_eps, 1 + cfg.gspo_eps)
@@ -76,11 +81,13 @@ def _weighted_logprob(
     return aggregate(token_loss, inputs, cfg.aggregation or how)
 
 
+@register("cispo", advantage="group_norm", aggregation="token", needs_behaviour=True)
 def cispo(inputs: LossInputs, cfg: ObjectiveConfig) -> tuple[Tensor, Tensor]:
     """CISPO: clip the importance weight (at 1 + clip_eps_high), not the update; token-level mean."""
     return _weighted_logprob(inputs, cfg, _token_ratio(inputs).clamp(max=1 + cfg.clip_eps_high), "token")
 
 
+@register("tis", advantage="group_norm", aggregation="response", needs_behaviour=True)
 def tis(inputs: LossInputs, cfg: ObjectiveConfig) -> tuple[Tensor, Tensor]:
     """Truncated importance sampling: weight min(rho, tis_cap), per-response mean."""
     return _weighted_logprob(inputs, cfg, _token_ratio(inputs).clamp(max=cfg.tis_cap), "response")
@@ -106,6 +113,7 @@ def m2po_keep(log_ratio: Tensor, mask: Tensor, threshold: float) -> Tensor:
     return keep
 
 
+@register("m2po", advantage="group_norm", aggregation="token", needs_behaviour=True)
 def m2po(inputs: LossInputs, cfg: ObjectiveConfig) -> tuple[Tensor, Tensor]:
     """M2PO (arXiv 2510.01161): -rho A on the tokens m2po_keep leaves, no clip; token-level mean.
 
@@ -128,6 +136,9 @@ def _decoupled_parts(inputs: LossInputs, cfg: ObjectiveConfig) -> tuple[Tensor, 
     return ratio, weight
 
 
+@register(
+    "decoupled_ppo", advantage="group_norm", aggregation="response", needs_behaviour=True, needs_proximal=True
+)
 def decoupled_ppo(inputs: LossInputs, cfg: ObjectiveConfig) -> tuple[Tensor, Tensor]:
     """AReaL's decoupled PPO: trust region around the proximal policy, off-policyness by importance weight."""
     ratio, weight = _decoupled_parts(inputs, cfg)
@@ -145,17 +156,20 @@ def _ppo_diagnostics(inputs: LossInputs, ratio: Tensor, low: float, high: float)
     return _ratio_stats(inputs, ratio, _clipped(ratio, advantages(inputs)[:, None], low, high))
 
 
+@register_diagnostics("grpo")
 def grpo_diagnostics(inputs: LossInputs, cfg: ObjectiveConfig) -> dict[str, Tensor]:
     return _ppo_diagnostics(inputs, _token_ratio(inputs), 1 - cfg.clip_eps, 1 + cfg.clip_eps)
 
 
-dr_grpo_diagnostics = grpo_diagnostics
+register_diagnostics("dr_grpo")(grpo_diagnostics)  # the same clipped token ratio
 
 
+@register_diagnostics("dapo")
 def dapo_diagnostics(inputs: LossInputs, cfg: ObjectiveConfig) -> dict[str, Tensor]:
     return _ppo_diagnostics(inputs, _token_ratio(inputs), 1 - cfg.clip_eps, 1 + cfg.clip_eps_high)
 
 
+@register_diagnostics("gspo")
 def gspo_diagnostics(inputs: LossInputs, cfg: ObjectiveConfig) -> dict[str, Tensor]:
     """Per-response: mean sequence ratio and share of responses whose gradient the clip removes."""
     ratio = _sequence_ratio(inputs)
@@ -168,14 +182,17 @@ def _truncation_diagnostics(inputs: LossInputs, cap: float) -> dict[str, Tensor]
     return _ratio_stats(inputs, ratio, ratio > cap)
 
 
+@register_diagnostics("cispo")
 def cispo_diagnostics(inputs: LossInputs, cfg: ObjectiveConfig) -> dict[str, Tensor]:
     return _truncation_diagnostics(inputs, 1 + cfg.clip_eps_high)
 
 
+@register_diagnostics("tis")
 def tis_diagnostics(inputs: LossInputs, cfg: ObjectiveConfig) -> dict[str, Tensor]:
     return _truncation_diagnostics(inputs, cfg.tis_cap)
 
 
+@register_diagnostics("m2po")
 def m2po_diagnostics(inputs: LossInputs, cfg: ObjectiveConfig) -> dict[str, Tensor]:
     """clip_frac: the share of response tokens masked; m2 / m2_kept: mean (log rho)^2 before and after."""
     log_ratio = current_logprobs(inputs) - fixed_logprobs(inputs, "behaviour")
@@ -185,6 +202,7 @@ def m2po_diagnostics(inputs: LossInputs, cfg: ObjectiveConfig) -> dict[str, Tens
     return stats | {"m2": token_mean(squared, inputs.mask), "m2_kept": token_mean(squared, keep)}
 
 
+@register_diagnostics("decoupled_ppo")
 def decoupled_ppo_diagnostics(inputs: LossInputs, cfg: ObjectiveConfig) -> dict[str, Tensor]:
     """Ratio stats of pi_theta / pi_prox, plus the mean capped weight pi_prox / pi_behav."""
     ratio, weight = _decoupled_parts(inputs, cfg)

@@ -11,12 +11,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor
 
 from asympo.errors import UserError
-
-Aggregation = Literal["response", "token", "constant"]
 
 
 class ObjectiveError(UserError, ValueError):
@@ -50,40 +47,6 @@ class LossInputs:
     @property
     def length_norm(self) -> int:
         return self.max_len if self.max_len is not None else self.logprobs.shape[1]
-
-
-class ObjectiveConfig(BaseModel):
-    """Which objective and its knobs. `None` for advantage/aggregation means the objective's own default."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = "asympo"  # one of asympo.objectives.OBJECTIVES
-    advantage: Literal["group_norm", "mean", "loo"] | None = None  # None -> the objective's default
-    aggregation: Aggregation | None = None  # None -> default; constant = sum / (responses * max_len), Dr.GRPO
-    spo_c: float = Field(0.5, gt=0, lt=1)  # spo: weight of negative-advantage responses
-    asympo_eps: float = Field(1e-2, gt=0)  # asympo: floor on sg(lbar) in C = 1 / max(sg(lbar), eps)
-    asympo_scale: Literal["none", "group"] = "none"  # group: C *= sg(group mean lbar), keeps pg's step size
-    asymre_dv: float = Field(-0.1, lt=0)  # asymre: baseline V = mean(r) + dv
-    gpg_alpha: float = Field(1.0, gt=0)  # gpg: advantage scale
-    clip_eps: float = Field(0.2, gt=0, lt=1)  # PPO-style clip range (1 - eps, 1 + eps)
-    clip_eps_high: float = Field(0.28, gt=0)  # dapo / cispo upper clip
-    gspo_eps: float = Field(3e-4, gt=0, lt=1)  # gspo uses sequence-level ratios, so a small clip
-    tis_cap: float = Field(2.0, gt=0)  # tis: truncation of the importance weight
-    m2po_threshold: float = Field(0.04, gt=0)  # m2po: bound on the mean (log rho)^2 of the tokens kept
-    behaviour_weight_cap: float = Field(5.0, gt=0)  # decoupled_ppo: cap on pi_prox / pi_behav
-    # KL penalty to a frozen reference policy (the initial weights), as in the original GRPO recipe: the loss
-    # gains kl_coef x the token mean of the estimator; 0 skips the reference and its forward pass entirely
-    kl_coef: float = Field(0.0, ge=0)
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"  # k1: log r; k2: (log r)^2 / 2; k3: r - 1 - log r
-
-    @field_validator("name")
-    @classmethod
-    def _known_name(cls, name: str) -> str:
-        from asympo.objectives import OBJECTIVES  # the registry imports this module
-
-        if name not in OBJECTIVES:
-            raise ValueError(f"unknown objective '{name}'; known: {', '.join(OBJECTIVES)}")
-        return name
 
 
 def masked(x: Tensor, mask: Tensor) -> Tensor:

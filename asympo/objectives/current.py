@@ -11,14 +11,9 @@ import torch
 from torch import Tensor
 
 from asympo.advantages import group_mean
-from asympo.objectives.common import (
-    LossInputs,
-    ObjectiveConfig,
-    advantages,
-    aggregate,
-    current_logprobs,
-    mean_nll,
-)
+from asympo.config import ObjectiveConfig
+from asympo.objectives.common import LossInputs, advantages, aggregate, current_logprobs, mean_nll
+from asympo.objectives.registry import register, register_diagnostics
 
 AGGREGATION = "response"  # the default for this whole family
 
@@ -29,6 +24,7 @@ def _weighted_nll(inputs: LossInputs, cfg: ObjectiveConfig, weight: Tensor) -> t
     return aggregate(token_loss, inputs, cfg.aggregation or AGGREGATION)
 
 
+@register("pg", advantage="group_norm", aggregation=AGGREGATION)
 def pg(inputs: LossInputs, cfg: ObjectiveConfig) -> tuple[Tensor, Tensor]:
     """Naive current-policy loss (C = 1): stale negatives sit at high NLL and dominate the gradient."""
     return _weighted_nll(inputs, cfg, advantages(inputs))
@@ -39,6 +35,7 @@ def _damp_negatives(inputs: LossInputs, cfg: ObjectiveConfig, c: float) -> tuple
     return _weighted_nll(inputs, cfg, torch.where(adv >= 0, adv, adv * c))
 
 
+@register("spo", advantage="group_norm", aggregation=AGGREGATION)
 def spo(inputs: LossInputs, cfg: ObjectiveConfig) -> tuple[Tensor, Tensor]:
     """Fixed damping of negative-advantage responses by spo_c."""
     return _damp_negatives(inputs, cfg, cfg.spo_c)
@@ -47,6 +44,7 @@ def spo(inputs: LossInputs, cfg: ObjectiveConfig) -> tuple[Tensor, Tensor]:
 SPO_POS_C = 0.1  # spo_pos: the weight of negative-advantage responses
 
 
+@register("spo_pos", advantage="group_norm", aggregation=AGGREGATION)
 def spo_pos(inputs: LossInputs, cfg: ObjectiveConfig) -> tuple[Tensor, Tensor]:
     """SPO leaning on the positives: negative-advantage responses at a tenth of their pg weight. The fair
     study's best current-policy objective: pushing down stale negatives is what drifts the policy."""
@@ -66,22 +64,26 @@ def asympo_weights(inputs: LossInputs, cfg: ObjectiveConfig) -> Tensor:
     return weight
 
 
+@register("asympo", advantage="group_norm", aggregation=AGGREGATION)
 def asympo(inputs: LossInputs, cfg: ObjectiveConfig) -> tuple[Tensor, Tensor]:
     """ASymPO: each response's gradient is damped by its own NLL, so stale high-NLL ones cannot dominate."""
     return _weighted_nll(inputs, cfg, asympo_weights(inputs, cfg) * advantages(inputs))
 
 
+@register("asymre", advantage="mean", aggregation=AGGREGATION)
 def asymre(inputs: LossInputs, cfg: ObjectiveConfig) -> tuple[Tensor, Tensor]:
     """Asymmetric REINFORCE: baseline V = mean + dv with dv < 0, i.e. A_i - dv; a group of equal rewards
     still gets a small positive push (by design)."""
     return _weighted_nll(inputs, cfg, advantages(inputs) - cfg.asymre_dv)
 
 
+@register("gpg", advantage="mean", aggregation=AGGREGATION)
 def gpg(inputs: LossInputs, cfg: ObjectiveConfig) -> tuple[Tensor, Tensor]:
     """Group Policy Gradient: plain policy gradient on alpha * (r - mean), no ratio."""
     return _weighted_nll(inputs, cfg, cfg.gpg_alpha * advantages(inputs))
 
 
+@register_diagnostics("asympo")
 def asympo_diagnostics(inputs: LossInputs, cfg: ObjectiveConfig) -> dict[str, Tensor]:
     """The weights C_i, split by advantage sign, and the positive responses' share of sum |C_i A_i|: pg's
     share is 1/2 under group_norm advantages (zero-sum groups), so a share above 1/2 is ASymPO's tilt."""

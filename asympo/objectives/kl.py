@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from asympo.objectives.common import LossInputs, ObjectiveConfig, ObjectiveError, fixed_logprobs, masked
+from asympo.config import ObjectiveConfig
+from asympo.objectives.common import LossInputs, ObjectiveError, fixed_logprobs, masked
 
 
 def kl_estimate(logprobs: Tensor, reference: Tensor, estimator: str) -> Tensor:

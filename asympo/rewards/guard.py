@@ -21,7 +21,8 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from asympo.errors import UserError  # the only asympo import: the child imports this module, keep it light
+from asympo.errors import UserError  # asympo imports stay light here: the child imports this module
+from asympo.lifetime import exit_with_parent
 
 RewardFn = Callable[[str, str], float]  # (response_text, reference_answer) -> reward
 CHUNK = 1024  # items per message; the shared array holds [items done, current item's start, results...]
@@ -59,6 +60,7 @@ def load_reward(spec: str) -> RewardFn:
 def _serve(conn: Connection, state: Any, spec: str) -> None:
     """Child loop: import the reward, then score each batch into `state` and say when it is done."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it closes us
+    exit_with_parent(grace=2.0)  # a hung reward never reads the pipe's EOF: the parent's death ends it
     try:
         fn = load_reward(spec)
     except Exception as e:

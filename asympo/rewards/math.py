@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import threading
 
+from asympo.data.answers import last_boxed, last_number
 from asympo.errors import UserError
-from asympo.rewards.answers import last_boxed, last_number
 
 try:
     from math_verify import parse, verify

@@ -6,15 +6,8 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
-
-class SamplingConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    temperature: float = Field(1.0, ge=0.0)  # 0 means greedy
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    max_new_tokens: int = Field(8, ge=1)
+from asympo.config import SamplingConfig
 
 
 @dataclass

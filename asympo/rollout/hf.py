@@ -9,7 +9,8 @@ import math
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from asympo.rollout.base import Sample, SamplingConfig
+from asympo.config import SamplingConfig
+from asympo.rollout.base import Sample
 from asympo.rollout.batching import PrefillStash, Prompt, SlotCache
 from asympo.rollout.packed import PackedLinears
 

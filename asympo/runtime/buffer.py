@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from asympo.data.tasks import Problem
 from asympo.rollout.base import Sample
@@ -16,6 +17,15 @@ Scorer = Callable[[list[tuple[str, str]]], list[float]]  # (text, answer) pairs 
 def job_seed(seed: int, cursor: int) -> int:
     """The sampling seed of a job: the data cursor survives a resume, so no noise is ever drawn twice."""
     return seed * 1_000_003 + cursor
+
+
+@dataclass
+class Job:
+    """Prompts sent to one rollout worker (a process or a Ray actor), with the seed of their sampling."""
+
+    problems: list[Problem]
+    seed: int
+    id: int = 0  # the local runtime's key for the answer that comes back through its pipe
 
 
 class StalenessBuffer:

@@ -8,17 +8,24 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
 from asympo.config import RolloutConfig
 from asympo.data.tasks import Problem
 from asympo.rollout.base import RolloutEngine, Sample
+from asympo.rollout.hf import HFEngine
 from asympo.runtime.buffer import Scorer
 
 
 class LagRuntime:
+    """`sync` and `lag`: generate a batch with the weights of exactly `lag` versions ago, then train on it."""
+
+    keeps_every_version = True
+    adapters_only = False
+    counts: dict[str, int]
+
     def __init__(
         self,
         engine: RolloutEngine,
@@ -32,6 +39,8 @@ class LagRuntime:
         self.rollout, self.lag, self.seed = rollout, lag, seed
         self.history: deque[tuple[int, dict[str, torch.Tensor]]] = deque(maxlen=lag + 1)
         self.cursor = 0  # problems consumed so far: the data cursor
+        self.counts = {}
+        self.stop_requested: Callable[[], bool] = lambda: False  # generation here is one call: never waits
 
     def publish(self, version: int, weights: dict[str, torch.Tensor]) -> None:
         if self.history and self.history[-1][0] == version:
@@ -64,6 +73,10 @@ class LagRuntime:
             s.reward = reward
         tokens = sum(len(s.response_ids) for s in samples)
         return samples, {"rollout_time": elapsed, "rollout_tokens_per_s": tokens / max(elapsed, 1e-9)}
+
+    @property
+    def in_process_engine(self) -> HFEngine | None:
+        return self.engine if isinstance(self.engine, HFEngine) else None
 
     def close(self) -> None:
         close = getattr(self.engine, "close", None)  # an engine with a process of its own (vLLM) stops it

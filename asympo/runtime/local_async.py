@@ -12,7 +12,6 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import torch
 import torch.multiprocessing as mp
@@ -21,8 +20,12 @@ from asympo.config import RolloutConfig
 from asympo.data.tasks import Problem
 from asympo.faults import RunAborted, StopWaiting
 from asympo.heap import keep_freed_memory
+from asympo.lifetime import exit_with_parent
+from asympo.models.device import for_engine, resolve
+from asympo.models.load import load_policy
 from asympo.rollout.base import Sample
-from asympo.runtime.buffer import BusyMeter, Scorer, StalenessBuffer, job_seed
+from asympo.rollout.hf import HFEngine
+from asympo.runtime.buffer import BusyMeter, Job, Scorer, StalenessBuffer, job_seed
 
 CTX = mp.get_context("spawn")  # a fresh interpreter: no forked torch thread pools or locks
 
@@ -55,27 +58,14 @@ class SharedWeights:
             time.sleep(0.001)
 
 
-@dataclass
-class Job:
-    id: int
-    problems: list[Problem]
-    seed: int
-
-
 def worker_main(jobs, results, shared: SharedWeights, model: str, rollout: RolloutConfig, opts: dict) -> None:
     """A rollout worker: take a job, pick up the newest weights, generate, send the groups back.
 
     It exits when its job pipe closes, which is also what happens when the trainer dies."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle, with a checkpoint
+    exit_with_parent()  # also when the trainer is SIGKILLed mid-job (the pipe tells only between jobs)
     keep_freed_memory()
     torch.set_num_threads(opts["threads"])
-    from transformers.utils import logging as hf_logging
-
-    from asympo.models.device import for_engine, resolve
-    from asympo.models.load import load_policy
-    from asympo.rollout.hf import HFEngine
-
-    hf_logging.disable_progress_bar()
     policy, tokenizer = load_policy(model)
     policy = for_engine(policy, resolve(opts["device"], opts["precision"], policy))
     engine = HFEngine(
@@ -143,6 +133,11 @@ class Worker:
 
 
 class AsyncRuntime:
+    history = ()
+    keeps_every_version = False
+    in_process_engine = None
+    adapters_only = False
+
     def __init__(
         self,
         model: str,
@@ -223,7 +218,7 @@ class AsyncRuntime:
                 problems = [next(self.problems) for _ in range(self.job_prompts)]
                 seed = job_seed(self.seed, self.cursor)
                 self.cursor += len(problems)
-                worker.send(Job(self.next_job, problems, seed))
+                worker.send(Job(problems, seed, self.next_job))
                 self.next_job += 1
 
     def _room(self) -> bool:

@@ -29,8 +29,13 @@ from asympo.config import RolloutConfig
 from asympo.data.tasks import Problem
 from asympo.errors import UserError
 from asympo.faults import RunAborted, StopWaiting
+from asympo.lifetime import children, reap_when_gone
+from asympo.models.device import for_engine, resolve
+from asympo.models.load import load_policy
+from asympo.models.lora import apply_lora
 from asympo.rollout.base import Sample
-from asympo.runtime.buffer import BusyMeter, Scorer, StalenessBuffer, job_seed
+from asympo.rollout.hf import HFEngine
+from asympo.runtime.buffer import BusyMeter, Job, Scorer, StalenessBuffer, job_seed
 
 try:
     import ray
@@ -56,22 +61,12 @@ class RolloutActor:
         lora=None,
     ):
         torch.set_num_threads(threads)
-        from transformers.utils import logging as hf_logging
-
-        from asympo.models.device import for_engine, resolve
-        from asympo.models.load import load_policy
-        from asympo.rollout.hf import HFEngine
-
-        hf_logging.disable_progress_bar()
         policy, tokenizer = load_policy(model)
-        # an actor given a GPU (num_gpus=1) sees only that one, as cuda:0
         # an actor given a GPU sees only that one; the precision setting is resolved for it here
         policy = for_engine(
             policy, resolve("cuda" if device.startswith("cuda") else "cpu", precision, policy)
         )
         if lora is not None:  # the learner's adapters on this base: each version sends only them
-            from asympo.lora import apply_lora
-
             apply_lora(policy, lora)
         self.engine = HFEngine(
             policy, tokenizer, version=-1, return_logprobs=return_logprobs, max_batch=rollout.max_batch
@@ -129,6 +124,8 @@ def connect(address: str | None, num_cpus: int | None) -> bool:
     quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
     if address in (None, "local"):
         ray.init("local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **quiet)
+        # the local Ray is ours: if this process dies (even SIGKILL), its services and actors go with it
+        reap_when_gone(os.getpid(), children(os.getpid(), marker="/ray/"))
         return True
     if address != "auto":
         check_reachable(address)
@@ -151,13 +148,9 @@ def local_path(model: str) -> str:
 
 
 @dataclass
-class Job:
-    problems: list[Problem]
-    seed: int
+class ActorSlot:
+    """One rollout actor and the jobs it has not answered yet."""
 
-
-@dataclass
-class Worker:
     actor: ray.actor.ActorHandle
     in_flight: dict[ray.ObjectRef, Job] = field(default_factory=dict)
     ready: bool = False  # it has returned a job: its model is loaded and it takes offers at once
@@ -165,6 +158,10 @@ class Worker:
 
 class RayRuntime:
     """Same interface, stats and counts as `AsyncRuntime`; see the module docstring for the data flow."""
+
+    history = ()
+    keeps_every_version = False
+    in_process_engine = None
 
     def __init__(
         self,
@@ -203,7 +200,7 @@ class RayRuntime:
         self.counts = {"dropped_stale": 0, "worker_restarts": 0, "lost_jobs": 0}
         self.meter = BusyMeter()
         self.owns_ray = connect(address, num_cpus)
-        self.workers: list[Worker] = []
+        self.workers: list[ActorSlot] = []
         self.spawned = 0
         try:
             self._check_cpus(workers * worker_threads)
@@ -233,7 +230,7 @@ class RayRuntime:
                 "(a local Ray gets runtime.ray_num_cpus, default all of this machine's)"
             )
 
-    def _spawn(self, index: int) -> Worker:
+    def _spawn(self, index: int) -> ActorSlot:
         self.spawned += 1  # a fresh name each time: `ray list actors` shows which one replaced which
         name = f"asympo-rollout-{self.spawned}"
         device = self.devices[index]
@@ -241,7 +238,7 @@ class RayRuntime:
         actor = RolloutActor.options(num_cpus=self.threads, num_gpus=gpus, max_restarts=0, name=name).remote(
             self.model, self.rollout, self.threads, self.return_logprobs, device, self.precision, self.lora
         )
-        return Worker(actor)
+        return ActorSlot(actor)
 
     def publish(self, version: int, weights: dict[str, torch.Tensor]) -> None:
         """One copy into the object store; the actors get a reference, not the tensors. An actor still

@@ -23,6 +23,11 @@ from asympo.runtime.buffer import BusyMeter, Scorer, StalenessBuffer, job_seed
 
 
 class RemoteAsyncRuntime:
+    history = ()
+    keeps_every_version = False
+    in_process_engine = None
+    adapters_only = False
+
     def __init__(
         self,
         engine: RolloutEngine,

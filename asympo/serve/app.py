@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hmac
 import json
+import os
 import queue
 import time
 import uuid
@@ -22,6 +23,7 @@ from urllib.parse import unquote
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from asympo.errors import UserError
 from asympo.rollout.hf import HFEngine
 from asympo.serve import weights
 from asympo.serve.batcher import Batcher, Job
@@ -57,6 +59,21 @@ class TokenizerPool:
             yield tokenizer
         finally:
             self.free.put(tokenizer)
+
+
+def api_key_from(name: str) -> str | None:
+    """The key in `$name`: unset means no key; set but empty (or only spaces) is a mistake, refused at
+    start-up rather than silently turning auth off. Surrounding spaces (a key pasted from a file) are
+    stripped."""
+    value = os.environ.get(name)
+    if value is None:
+        return None
+    key = value.strip()
+    if not key:
+        raise UserError(f"${name} is set but empty: unset it to serve without a key, or give it a key")
+    if any(c.isspace() or not c.isprintable() for c in key):
+        raise UserError(f"${name} holds spaces or control characters inside the key: it could never be sent")
+    return key
 
 
 def prompt_char_limit(context: int | None, tokenizer: PreTrainedTokenizerBase) -> int:

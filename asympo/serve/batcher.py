@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from asympo.rollout.base import SamplingConfig
+from asympo.config import SamplingConfig
 from asympo.rollout.hf import HFEngine
 from asympo.serve.errors import ApiError
 

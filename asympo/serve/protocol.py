@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from asympo.rollout.base import SamplingConfig
+from asympo.config import SamplingConfig
 from asympo.serve.errors import ApiError
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat uses CHAT_MAX_TOKENS

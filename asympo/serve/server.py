@@ -14,12 +14,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import socket
 import sys
+import threading
+from http import HTTPStatus
+from types import FrameType
 from typing import Any
+from urllib.parse import parse_qsl
 
 import anyio
 import h11
+import uvicorn
 from starlette.datastructures import Headers
 from starlette.responses import Response
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -129,8 +135,6 @@ class AsgiApp:
 
 
 def _query_pairs(raw: bytes) -> list[tuple[str, str]]:
-    from urllib.parse import parse_qsl
-
     try:
         return parse_qsl(raw.decode("latin-1"), max_num_fields=32)
     except ValueError:
@@ -142,7 +146,7 @@ class Protocol(H11Protocol):
     a connection that has not finished its request line and headers `HEADER_TIMEOUT` seconds after it opened
     (or after its last reply) gets a 408 and is closed."""
 
-    header_timeout = HEADER_TIMEOUT  # run_serve sets the configured value on a subclass
+    header_timeout = HEADER_TIMEOUT  # run_server sets the configured value on a subclass
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -222,9 +226,66 @@ class Protocol(H11Protocol):
 
 
 def h11_reason(status: int) -> str:
-    from http import HTTPStatus
-
     try:
         return HTTPStatus(status).phrase
     except ValueError:
         return "Error"
+
+
+def run_server(
+    app: App, sock: socket.socket, header_timeout: float, body_timeout: float, banner: str
+) -> None:
+    """Serve `app` on the bound socket until SIGINT/SIGTERM: stop accepting, answer waiting requests
+    with a 503, let the ones decoding finish (`SHUTDOWN_GRACE`), exit 0. `banner` is printed once the
+    signal handlers are in place."""
+    asgi = AsgiApp(app, body_timeout)
+    config = uvicorn.Config(
+        asgi,
+        http=type("Protocol", (Protocol,), {"header_timeout": header_timeout}),
+        proxy_headers=False,
+        loop="asyncio",
+        lifespan="off",
+        log_config=None,
+        log_level="error",  # the HTTP layer's refusals are answered in JSON, not logged
+        access_log=False,
+        backlog=BACKLOG,
+        timeout_keep_alive=int(KEEP_ALIVE),
+        timeout_graceful_shutdown=SHUTDOWN_GRACE,
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        server_header=False,
+    )
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            """Stop accepting, answer waiting requests with a 503; no re-raised signal (exit code 0)."""
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True
+            self.should_exit = True
+            asgi.stopping = True
+            app.batcher.close()
+
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            """Say "listening" only once the signal handlers are in place: a SIGTERM sent on that line must
+            take the graceful path, not the default one that kills the process mid-request."""
+            await super().startup(sockets=sockets)
+            print(banner, flush=True)
+
+    server = Server(config)
+    if threading.current_thread() is threading.main_thread():
+        # uvicorn holds SIGINT/SIGTERM only while it serves and then puts back what it found. What it finds is
+        # this handler, so a signal just before it starts or while the process winds down is a clean stop
+        # too, never the default that kills the process mid-request with -15.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, server.handle_exit)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        asgi.stopping = True
+        app.batcher.stop()
+        sock.close()
+        print("asympo serve: stopped", flush=True)
+        if threading.current_thread() is threading.main_thread():
+            # Python puts its own handlers back to the default while the interpreter exits; an ignored signal
+            # it leaves alone, so a repeated SIGTERM cannot turn the finished stop into -15.
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)

@@ -9,10 +9,14 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from asympo.config import STUDY_VARIANTS, StudyConfig, TrainConfig
 from asympo.faults import RunAborted
 from asympo.io import atomic_write_text, ensure_writable_dir
+from asympo.lifetime import exit_with_parent
 from asympo.metrics import console, progress_bar
+from asympo.trainer import train
 
 
 @dataclass(frozen=True)
@@ -52,13 +56,7 @@ def cell_config(cfg: StudyConfig, cell: Cell, folder: Path) -> TrainConfig:
 
 def _run_cell(config_json: str, threads: int) -> dict:
     """In a worker process: one torch thread per core keeps two cells from fighting over both."""
-    import torch
-    from transformers.utils import logging as hf_logging
-
-    from asympo.train import train
-
     torch.set_num_threads(threads)
-    hf_logging.disable_progress_bar()
     return train(TrainConfig.model_validate_json(config_json), quiet=True)
 
 
@@ -74,7 +72,9 @@ def run_grid(cfg: StudyConfig) -> Path:
     context = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: no forked torch state
     with (
         progress_bar(cfg.progress) as bar,
-        ProcessPoolExecutor(min(cfg.workers, max(len(todo), 1)), mp_context=context) as pool,
+        ProcessPoolExecutor(
+            min(cfg.workers, max(len(todo), 1)), mp_context=context, initializer=exit_with_parent
+        ) as pool,
     ):
         task = bar.add_task("study", total=len(cells), completed=len(cells) - len(todo), status="")
         running = {}

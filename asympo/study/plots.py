@@ -16,6 +16,16 @@ from asympo.study.report import accuracy_curve
 Picks = dict[tuple[str, int], float]  # (objective, k) -> the lr plotted
 
 
+def pyplot():
+    """matplotlib's pyplot drawing to files only (no display needed)."""
+    import matplotlib  # the `study` extra
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # the `study` extra, once the backend is chosen
+
+    return plt
+
+
 def smooth(values: list[float], window: int = 10) -> np.ndarray:
     x = np.asarray(values, dtype=float)
     if len(x) < window:
@@ -54,10 +64,7 @@ def _panels(
     window: int,
     picks: Picks,
 ):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, len(cfg.lags), figsize=(4.2 * len(cfg.lags), 3.6), sharey=True, squeeze=False)
     colours = _colours(cfg, plt)
@@ -91,10 +98,7 @@ def _colours(cfg: StudyConfig, plt) -> dict[str, object]:
 def final_plot(cfg: StudyConfig, table: list[dict], picks: Picks, path: Path) -> None:
     """Final test accuracy against staleness k (mean ± std over seeds, each arm at its plotted lr), one panel
     per optim.minibatches setting: whether an objective holds its on-policy accuracy as k grows."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     entries = list(dict.fromkeys(a.partition("@mb")[0] for a in cfg.arms))
     panels = cfg.minibatches
@@ -128,10 +132,7 @@ def final_plot(cfg: StudyConfig, table: list[dict], picks: Picks, path: Path) ->
 
 def lr_plot(cfg: StudyConfig, table: list[dict], path: Path) -> None:
     """Final test accuracy against lr, one panel per k: how sensitive each objective is to its step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, len(cfg.lags), figsize=(4.2 * len(cfg.lags), 3.6), sharey=True, squeeze=False)
     colours = _colours(cfg, plt)

@@ -55,7 +55,7 @@ def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _lora_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import LoraLayer  # the `lora` extra
 
     return {name: m for name, m in _unwrapped(model).named_modules() if isinstance(m, LoraLayer)}
 

@@ -1,4 +1,4 @@
-"""`asympo train`: the RL loop, in data-flow order: rollouts, rewards, advantages, learner, weights."""
+"""The RL loop of `asympo train`, in data-flow order: rollouts, rewards, advantages, learner, weights."""
 
 from __future__ import annotations
 
@@ -14,49 +14,62 @@ from asympo.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from asympo.config import TrainConfig
 from asympo.data.prompts import Prompter
 from asympo.data.source import Task
-from asympo.distributed.group import world_size
+from asympo.distributed import group
+from asympo.distributed.learner import ShardedLearner
+from asympo.distributed.run import agreed_placement, check_supported, follow
 from asympo.errors import UserError
 from asympo.evaluate import held_out_accuracy
 from asympo.faults import Interrupted, RunAborted, SkipGuard, StopSignal, StopWaiting
-from asympo.io import atomic_write_text, ensure_writable_dir, save_model_atomic
+from asympo.io import atomic_write_text, ensure_writable_dir
 from asympo.learner import Learner
-from asympo.lora import plain_copy
 from asympo.metrics import MetricsLog, WandbSettings, console, progress_bar, rollout_metrics, summary_table
 from asympo.models.device import engine_copy, resolve
 from asympo.models.load import load_policy
+from asympo.models.lora import plain_copy
 from asympo.models.tying import tied_aliases
+from asympo.models.weights import save_model_atomic
 from asympo.objectives import advantage_method
 from asympo.recompute import BehaviourRecompute
 from asympo.rewards.guard import RewardGuard
 from asympo.rewards.shaping import filter_truncated
 from asympo.rollout.hf import HFEngine
-from asympo.runtime import LagRuntime, build_runtime
+from asympo.runtime import build_runtime
 from asympo.runtime.dynamic import step_batch
+from asympo.sft import ensure_tiny
 from asympo.snapshots import SnapshotStore
 
 
 def train(cfg: TrainConfig, quiet: bool = False) -> dict:
-    """Under torchrun (WORLD_SIZE > 1), this process's rank of a data-parallel run (asympo.distributed)."""
-    if world_size() > 1:
-        from asympo.distributed.run import train_ranks
-
-        return train_ranks(cfg, quiet)
+    """A whole run in this process (one learner rank)."""
     return Trainer(cfg, quiet).run()
+
+
+def train_ranks(cfg: TrainConfig, quiet: bool = False) -> dict:
+    """This rank's part of a data-parallel run (torchrun or Ray ranks): rank 0 runs the Trainer with a
+    ShardedLearner and returns the run's result, the others follow it and return {}."""
+    check_supported(cfg)
+    group.check_processes(cfg.learner.processes)
+    group.start(torch.device(group.local_device(cfg.device)))
+    try:
+        if group.rank() == 0:
+            return Trainer(cfg, quiet, sharded=True).run()
+        follow(cfg)
+        return {}
+    finally:
+        group.stop()
 
 
 class Trainer:
     """One `asympo train` run: set-up (or resume), the loop, checkpoints, the final evaluation."""
 
-    def __init__(self, cfg: TrainConfig, quiet: bool = False):
-        self.cfg, self.out = cfg, ensure_writable_dir(cfg.out)
+    def __init__(self, cfg: TrainConfig, quiet: bool = False, sharded: bool = False):
+        """`sharded`: rank 0 of a data-parallel learner (asympo.distributed), inside its process group."""
+        self.cfg, self.out, self.sharded = cfg, ensure_writable_dir(cfg.out), sharded
         self.say = (lambda *_: None) if quiet else console.print
         torch.manual_seed(cfg.seed)
+        ensure_tiny(cfg.model)
         self.model, self.tokenizer = load_policy(cfg.model)
-        self.sharded = world_size() > 1  # rank 0 of a data-parallel learner (asympo.distributed)
         if self.sharded:
-            from asympo.distributed.learner import ShardedLearner
-            from asympo.distributed.run import agreed_placement
-
             self.placement = agreed_placement(cfg, self.model)
             # the learner's model is split across ranks: engines, evaluation and final/ use a whole copy
             self.plain = copy.deepcopy(self.model)
@@ -105,8 +118,7 @@ class Trainer:
         self.publish(self.learner.version)
         self.skips = SkipGuard(cfg.faults.max_skipped_steps)
         self.skips.consecutive = int(self.state.counters.get("consecutive_skips", 0))
-        if hasattr(self.runtime, "counts"):
-            self.runtime.counts.update(self.state.counters.get("runtime", {}))
+        self.runtime.counts.update(self.state.counters.get("runtime", {}))
         self.eval_engine = self.make_eval_engine()
 
     def make_eval_engine(self) -> HFEngine:
@@ -117,9 +129,8 @@ class Trainer:
             if self.sharded:
                 return HFEngine(self.plain, self.tokenizer, version=-1, max_batch=self.cfg.rollout.max_batch)
             return HFEngine(self.model, self.tokenizer, max_batch=self.cfg.rollout.max_batch)
-        engine = getattr(self.runtime, "engine", None)
-        if isinstance(engine, HFEngine):
-            return engine
+        if self.runtime.in_process_engine is not None:
+            return self.runtime.in_process_engine
         model = engine_copy(self.plain, self.placement)
         return HFEngine(model, self.tokenizer, version=-1, max_batch=self.cfg.rollout.max_batch)
 
@@ -144,7 +155,7 @@ class Trainer:
     def publish(self, version: int, weights: dict | None = None) -> None:
         """Send a version to the runtime (and the recompute store); `weights` None: the learner's newest,
         gathered only if something takes them (Ray actors under LoRA take the adapters alone)."""
-        adapters_only = getattr(self.runtime, "adapters_only", False) and version == self.learner.version
+        adapters_only = self.runtime.adapters_only and version == self.learner.version
         if weights is None and not adapters_only:
             weights = self.learner.weights()
         self.runtime.publish(version, self.learner.adapters() if adapters_only else weights)
@@ -171,8 +182,8 @@ class Trainer:
         state.step, state.version, state.skipped_steps = step, learner.version, learner.skipped_steps
         state.cursor = self.runtime.cursor
         state.counters |= {"consecutive_skips": self.skips.consecutive}
-        state.counters["runtime"] = dict(getattr(self.runtime, "counts", {}))
-        kept = list(self.runtime.history) if isinstance(self.runtime, LagRuntime) else []
+        state.counters["runtime"] = dict(self.runtime.counts)
+        kept = list(self.runtime.history)
         shards = learner.save_shards if self.sharded else None
         return save_checkpoint(
             self.out / "checkpoints", state, self.model, learner.optimizer, learner.scheduler, kept, 2, shards
@@ -225,7 +236,7 @@ class Trainer:
                     if cfg.rollout.overlong_filter:  # truncated responses leave the loss, after advantages
                         rollout_stats["truncated_filtered"] = filter_truncated(batch, samples)
                     # lag mode keeps every update's version: a rollout k versions back may come from any
-                    keep = self.publish if isinstance(self.runtime, LagRuntime) else None
+                    keep = self.publish if self.runtime.keeps_every_version else None
                     stats = (
                         rollout_metrics(samples, learner.version)
                         | rollout_stats
@@ -255,7 +266,7 @@ class Trainer:
         self.log.log(self.cfg.steps, final)
         self.log.close()
         if self.cfg.save_model:
-            model = self.model if self.learner.peft is None else self.learner.peft  # LoRA: see asympo.lora
+            model = self.model if self.learner.peft is None else self.learner.peft  # LoRA: see models.lora
             if self.sharded:  # final/ is consolidated: the whole copy with the last weights
                 model = load_plain(self.plain, self.learner.weights(torch.float32))
             save_model_atomic(model, self.tokenizer, self.out / "final")

@@ -11,7 +11,7 @@ from asympo.study.plots import write_plots
 from asympo.study.report import chosen_lrs, write_report
 
 
-def run_study(cfg: StudyConfig) -> dict:
+def run(cfg: StudyConfig) -> dict:
     out = run_grid(cfg)
     table, tuned = write_report(cfg, out)
     plots = write_plots(cfg, out, table, chosen_lrs(table))

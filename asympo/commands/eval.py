@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from asympo.config import EvalConfig
+from asympo.config import EvalConfig, SamplingConfig
 from asympo.data.prompts import Prompter
 from asympo.data.source import Task
 from asympo.evaluate import greedy_accuracy, sampled_metrics, tally
@@ -15,13 +15,14 @@ from asympo.metrics import progress_bar
 from asympo.models.device import for_engine, resolve
 from asympo.models.load import load_policy
 from asympo.rewards.guard import RewardGuard
-from asympo.rollout.base import SamplingConfig
 from asympo.rollout.hf import HFEngine
+from asympo.sft import ensure_tiny
 
 
-def run_eval(cfg: EvalConfig) -> dict:
+def run(cfg: EvalConfig) -> dict:
     if cfg.json_out:  # an unwritable destination fails now, not after the whole evaluation
         ensure_writable_dir(Path(cfg.json_out).parent)
+    ensure_tiny(cfg.model)
     model, tokenizer = load_policy(cfg.model)
     model = for_engine(model, resolve(cfg.device, cfg.precision, model))
     task = Task(cfg.task, Prompter(cfg.prompt, tokenizer))

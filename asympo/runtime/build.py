@@ -1,0 +1,169 @@
+"""Which runtime a training config asks for, built with its engines and workers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from asympo.config import TrainConfig
+from asympo.data.tasks import Problem
+from asympo.errors import UserError
+from asympo.models.device import CPU_FP32, Placement, engine_copy
+from asympo.models.lora import adapter_weights
+from asympo.models.weights import publishable_weights
+from asympo.objectives import get_objective
+from asympo.rollout.hf import HFEngine
+from asympo.rollout.openai import OpenAIEngine
+from asympo.runtime.base import Runtime
+from asympo.runtime.buffer import Scorer
+from asympo.runtime.devices import worker_devices
+from asympo.runtime.lag import LagRuntime
+from asympo.runtime.local_async import AsyncRuntime
+from asympo.runtime.remote_async import RemoteAsyncRuntime
+
+
+def runtime_lag(mode: str, lag: int) -> int:
+    """`sync` is generate-then-train with the newest weights, i.e. a lag of exactly 0."""
+    return 0 if mode == "sync" else lag
+
+
+def build_runtime(
+    cfg: TrainConfig,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    version: int,
+    problems: Iterator[Problem],
+    cursor: int,
+    score: Scorer,
+    placement: Placement = CPU_FP32,
+) -> Runtime:
+    """The runtime for `cfg.runtime.mode`; `problems` starts at the data cursor `cursor`. In-process engines
+    get their own copy of the policy on the learner's device, in the placement's dtype."""
+    engine_logprobs = cfg.behaviour.compare or cfg.behaviour.source == "engine"
+    if cfg.runtime.backend == "ray":
+        runtime = build_ray(cfg, model, version, problems, score, engine_logprobs, placement)
+        runtime.cursor = cursor
+        return runtime
+    if cfg.rollout.engine in ("openai", "vllm"):
+        runtime = build_remote(cfg, tokenizer, problems, score, engine_logprobs, model, version, placement)
+        runtime.cursor = cursor
+        return runtime
+    if cfg.runtime.mode == "async":
+        learner_threads(cfg)
+        args = worker_pool_args(cfg, model, version, problems, score, engine_logprobs, placement)
+        runtime = AsyncRuntime(*args)
+    else:
+        engine = HFEngine(
+            engine_copy(model, placement),
+            tokenizer,
+            version=version,  # the copy's weights: after a resume, not version 0's (that one is reloaded)
+            return_logprobs=engine_logprobs,
+            max_batch=cfg.rollout.max_batch,
+        )
+        lag = runtime_lag(cfg.runtime.mode, cfg.runtime.lag)
+        runtime = LagRuntime(engine, problems, score, cfg.rollout, lag, cfg.seed)
+    runtime.cursor = cursor
+    return runtime
+
+
+def learner_threads(cfg: TrainConfig) -> None:
+    if cfg.runtime.learner_threads:  # 0 keeps torch's default: a thread per core, shared with the workers
+        torch.set_num_threads(cfg.runtime.learner_threads)
+
+
+def build_ray(
+    cfg: TrainConfig,
+    model: PreTrainedModel,
+    version: int,
+    problems: Iterator[Problem],
+    score: Scorer,
+    engine_logprobs: bool,
+    placement: Placement,
+):
+    """`runtime.backend=ray`: the async runtime with Ray actors as its rollout workers."""
+    if cfg.runtime.mode != "async":
+        raise UserError(f"runtime.backend=ray needs runtime.mode=async (it is '{cfg.runtime.mode}')")
+    if cfg.rollout.engine != "hf":
+        raise UserError("runtime.backend=ray runs rollout.engine=hf in its actors")
+    from asympo.runtime.ray_backend import RayRuntime  # Ray is an optional extra
+
+    learner_threads(cfg)  # the driver is the learner
+    args = worker_pool_args(cfg, model, version, problems, score, engine_logprobs, placement)
+    if cfg.lora.rank > 0:  # the actors load the base themselves and take the adapters alone
+        args = (args[0], adapter_weights(model), *args[2:])
+    address, cpus = cfg.runtime.ray_address, cfg.runtime.ray_num_cpus
+    return RayRuntime(*args, address=address, num_cpus=cpus, lora=cfg.lora)
+
+
+def worker_pool_args(
+    cfg: TrainConfig,
+    model: PreTrainedModel,
+    version: int,
+    problems: Iterator[Problem],
+    score: Scorer,
+    engine_logprobs: bool,
+    placement: Placement,
+) -> tuple:
+    """The arguments shared by the async runtimes that own their rollout workers (processes, Ray actors):
+    the first weights in the engines' dtype, and a device per worker (see asympo.runtime.devices)."""
+    rt = cfg.runtime
+    remote = cfg.runtime.backend == "ray"
+    devices, weights = (
+        worker_devices(cfg, placement, model, remote),
+        publishable_weights(model, placement.dtype),
+    )
+    return (
+        cfg.model, weights, version, problems, score, cfg.rollout, cfg.seed,
+        rt.workers, rt.worker_threads, rt.max_staleness, rt.jobs_per_worker, cfg.faults.max_worker_restarts,
+        engine_logprobs, devices, cfg.precision,  # each worker resolves it for its own device
+    )  # fmt: skip
+
+
+def build_remote(
+    cfg: TrainConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    problems: Iterator[Problem],
+    score: Scorer,
+    engine_logprobs: bool,
+    model: PreTrainedModel | None = None,
+    version: int = 0,
+    placement: Placement = CPU_FP32,
+) -> LagRuntime | RemoteAsyncRuntime:
+    """`rollout.engine=openai` or `vllm`: the same runtimes, with rollouts from an engine outside this
+    process's torch (a server, or vLLM's own engine process), so `async` needs only a thread to keep it
+    busy. vLLM starts from `model`'s weights at `version`, in the placement's dtype."""
+    if cfg.rollout.engine == "vllm":
+        from asympo.rollout.vllm import VLLMEngine  # the `vllm` extra
+
+        v = cfg.rollout.vllm
+        engine = VLLMEngine(
+            cfg.model if model is None else model,
+            tokenizer,
+            version=version,
+            return_logprobs=engine_logprobs,
+            dtype=placement.dtype,
+            seed=cfg.seed,
+            kv_cache_gib=v.kv_cache_gib,
+            enforce_eager=v.enforce_eager,
+            max_model_len=v.max_model_len,
+        )
+    else:
+        engine = openai_engine(cfg, tokenizer, get_objective(cfg.objective.name).needs_behaviour)
+    if cfg.runtime.mode != "async":
+        lag = runtime_lag(cfg.runtime.mode, cfg.runtime.lag)
+        return LagRuntime(engine, problems, score, cfg.rollout, lag, cfg.seed)
+    learner_threads(cfg)  # the server may be on this machine too
+    return RemoteAsyncRuntime(engine, problems, score, cfg.rollout, cfg.seed, cfg.runtime.max_staleness)
+
+
+def openai_engine(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase, needs_behaviour: bool):
+    if cfg.behaviour.compare:
+        raise UserError("behaviour.compare=true needs engine log-probs; rollout.engine=openai returns none")
+    if cfg.behaviour.source == "engine" and needs_behaviour:
+        raise UserError(
+            f"objective '{cfg.objective.name}' needs behaviour log-probs, which rollout.engine=openai does "
+            "not return: set behaviour.source=learner (the learner recomputes them)"
+        )
+    return OpenAIEngine(cfg.rollout.openai, tokenizer)
