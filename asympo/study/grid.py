@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import json
-import multiprocessing
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 from asympo.config import STUDY_VARIANTS, StudyConfig, TrainConfig
 from asympo.faults import RunAborted
 from asympo.io import atomic_write_text, ensure_writable_dir
-from asympo.lifetime import exit_with_parent
+from asympo.lifetime import child_env
 from asympo.metrics import console, progress_bar
-from asympo.trainer import train
+
+POLL = 0.2  # seconds between two looks at the running cells
 
 
 @dataclass(frozen=True)
@@ -54,10 +53,21 @@ def cell_config(cfg: StudyConfig, cell: Cell, folder: Path) -> TrainConfig:
     return TrainConfig.model_validate(data)
 
 
-def _run_cell(config_json: str, threads: int) -> dict:
-    """In a worker process: one torch thread per core keeps two cells from fighting over both."""
-    torch.set_num_threads(threads)
-    return train(TrainConfig.model_validate_json(config_json), quiet=True)
+def _start_cell(config: TrainConfig, threads: int) -> subprocess.Popen:
+    """A cell is `asympo train` in a process of its own, reading the config it is given from its folder; one
+    torch thread per core keeps two cells from fighting over both. It ends with the study (asympo.lifetime),
+    and its output goes to `train.log` there."""
+    folder = ensure_writable_dir(config.out)
+    atomic_write_text(folder / "cell.json", config.model_dump_json(indent=2))  # JSON is YAML
+    log = (folder / "train.log").open("w")
+    env = child_env() | {"OMP_NUM_THREADS": str(threads)}
+    command = [sys.executable, "-m", "asympo", "train", "--config", str(folder / "cell.json")]
+    try:
+        return subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env
+        )
+    finally:
+        log.close()  # the child holds its own copy
 
 
 def run_grid(cfg: StudyConfig) -> Path:
@@ -69,37 +79,47 @@ def run_grid(cfg: StudyConfig) -> Path:
         console.print(
             f"study: {len(cells) - len(todo)} of {len(cells)} cells already done, running {len(todo)}"
         )
-    context = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: no forked torch state
-    with (
-        progress_bar(cfg.progress) as bar,
-        ProcessPoolExecutor(
-            min(cfg.workers, max(len(todo), 1)), mp_context=context, initializer=exit_with_parent
-        ) as pool,
-    ):
+    running: dict[Cell, subprocess.Popen] = {}
+    with progress_bar(cfg.progress) as bar:
         task = bar.add_task("study", total=len(cells), completed=len(cells) - len(todo), status="")
-        running = {}
-        for cell in todo:
-            config = cell_config(cfg, cell, out / "cells" / cell.name)
-            running[pool.submit(_run_cell, config.model_dump_json(), cfg.threads_per_worker)] = cell
-        while running:
-            bar.update(task, status="running " + " ".join(sorted(c.name for c in running.values()))[:60])
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in done:
-                cell = running.pop(future)
-                try:
-                    result = future.result()  # a failing cell stops the study; finished cells stay done
-                except BrokenProcessPool:
-                    raise _died(out, [cell, *running.values()]) from None
-                bar.update(task, advance=1)
-                console.print(
-                    f"  {cell.name}: accuracy {result['accuracy_before']:.1%} -> "
-                    f"{result['accuracy_after']:.1%}"
-                )
+        try:
+            while todo or running:
+                while todo and len(running) < cfg.workers:
+                    cell = todo.pop(0)
+                    config = cell_config(cfg, cell, out / "cells" / cell.name)
+                    running[cell] = _start_cell(config, cfg.threads_per_worker)
+                bar.update(task, status="running " + " ".join(sorted(c.name for c in running))[:60])
+                finished = [cell for cell, process in running.items() if process.poll() is not None]
+                if not finished:
+                    time.sleep(POLL)
+                for cell in finished:
+                    process = running.pop(cell)
+                    folder = out / "cells" / cell.name
+                    if process.returncode < 0:  # a signal from outside, most often the kernel's OOM killer
+                        raise _died(out, [cell, *running])
+                    if process.returncode:  # a failing cell stops the study; finished cells stay done
+                        raise RunAborted(f"cell {cell.name} failed: {_last_line(folder / 'train.log')}")
+                    result = json.loads((folder / "result.json").read_text())
+                    bar.update(task, advance=1)
+                    console.print(
+                        f"  {cell.name}: accuracy {result['accuracy_before']:.1%} -> "
+                        f"{result['accuracy_after']:.1%}"
+                    )
+        finally:
+            for process in running.values():  # stopped early: each cell checkpoints and leaves
+                process.terminate()
+            for process in running.values():
+                process.wait()
     return out
 
 
+def _last_line(log: Path) -> str:
+    lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
+    return lines[-1] if lines else "no output"
+
+
 def _died(out: Path, cells: list[Cell]) -> RunAborted:
-    """A worker killed from outside (most often by the kernel, out of memory) takes the pool with it."""
+    """A cell killed from outside (most often by the kernel, out of memory) stops the study."""
     done = sum(1 for _ in (out / "cells").glob("*/result.json"))
     # A cell may have written its result just before the kill: name only the ones lost.
     lost = [c for c in cells if not (out / "cells" / c.name / "result.json").exists()]

@@ -145,7 +145,7 @@ def test_lr_table_runs_one_chosen_lr_per_arm_and_k(study_out):
 
 
 def _workers_of(pid: int) -> list[int]:
-    """The study's pool workers: spawned children (not multiprocessing's resource tracker)."""
+    """The study's cell processes: its `asympo train` children."""
     found = []
     for proc in Path("/proc").iterdir():
         try:
@@ -153,7 +153,7 @@ def _workers_of(pid: int) -> list[int]:
             cmdline = (proc / "cmdline").read_bytes()
         except (OSError, ValueError, IndexError):
             continue
-        if ppid == pid and b"spawn_main" in cmdline and b"resource_tracker" not in cmdline:
+        if ppid == pid and b"asympo\0train" in cmdline:
             found.append(int(proc.name))
     return found
 
