@@ -124,17 +124,26 @@ def reap_when_gone(watched: int, roots: list[tuple[int, int]]) -> None:
     )
 
 
+def _under(known: dict[int, int], table: dict[int, tuple[int, int]]) -> dict[int, int]:
+    """`known` (pid -> start time) as far as it still runs, with every process under it in `table`."""
+    found = {pid: started for pid, started in known.items() if table.get(pid, (0, -1))[1] == started}
+    frontier = set(found)
+    while frontier:
+        frontier = {pid for pid, (parent, _) in table.items() if parent in frontier and pid not in found}
+        found |= {pid: table[pid][1] for pid in frontier}
+    return found
+
+
 def _reap(watched: int, roots: dict[int, int]) -> None:
+    """The whole tree is looked at twice a second while `watched` lives: a library's services may die with
+    their parent (Ray's fate sharing) and leave their own children re-parented, out of the tree."""
+    known = dict(roots)
     while alive(watched):
-        if not any((stat := _stat(pid)) and stat[1] == started for pid, started in roots.items()):
-            return  # the services ended first (a clean shutdown): nothing left to do
+        known = _under(known, _processes())
+        if not known:
+            return  # all of it ended first (a clean shutdown): nothing left to do
         time.sleep(POLL)
-    table = _processes()
-    targets = {pid for pid, started in roots.items() if pid in table and table[pid][1] == started}
-    frontier = set(targets)
-    while frontier:  # everything under the roots, as it is now
-        frontier = {pid for pid, (parent, _) in table.items() if parent in frontier} - targets
-        targets |= frontier
+    targets = _under(known, _processes())
     for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 0.0)):
         for pid in targets:
             with contextlib.suppress(ProcessLookupError):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -84,3 +85,46 @@ def test_a_script_without_a_main_guard_is_told_why(tmp_path):
     assert done.returncode != 0
     assert 'put the script\'s training call under `if __name__ == "__main__":`' in done.stderr
     assert "vLLM could not start the policy" in done.stderr.strip().splitlines()[-1]
+
+
+def test_the_engine_process_ends_with_a_sigkilled_trainer(tmp_path):
+    """vLLM starts its engine as our child and leaves it running if we die: asympo's reaper ends it (and all
+    under it) within 15 s of a SIGKILL of the trainer, mid-training. Found by a marker in its environment."""
+    import os
+    import secrets
+    import signal
+    import time
+
+    from asympo.lifetime import alive
+
+    mark = f"ASYMPO_VLLM_KILL={secrets.token_hex(8)}".encode()
+    args = [sys.executable, "-m", "asympo", "train", "runtime.mode=lag", "steps=400", f"out={tmp_path}"]
+    args += SMALL
+    env = os.environ | {"ASYMPO_VLLM_KILL": mark.split(b"=")[1].decode()}
+    run = subprocess.Popen(
+        args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True
+    )
+
+    def ours() -> list[int]:
+        found = []
+        for name in os.listdir("/proc"):
+            try:
+                if name.isdigit() and mark in Path(f"/proc/{name}/environ").read_bytes().split(b"\0"):
+                    found.append(int(name))
+            except OSError:
+                continue
+        return [pid for pid in found if alive(pid)]
+
+    deadline = time.monotonic() + 600
+    metrics = tmp_path / "metrics.jsonl"
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        assert run.poll() is None, run.stderr.read()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert len(ours()) > 1  # the trainer and vLLM's engine process (and the reaper)
+    os.kill(run.pid, signal.SIGKILL)
+    run.wait()
+    deadline = time.monotonic() + 15
+    while ours() and time.monotonic() < deadline:
+        time.sleep(0.25)
+    assert not ours(), [Path(f"/proc/{p}/cmdline").read_bytes()[:120] for p in ours()]

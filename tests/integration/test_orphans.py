@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from tests.census import marked, settle
 
-ENV = os.environ | {"OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}
+EXTRA_ENV = {"OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}  # with the test's census marker, read late
 SMALL = [
     "runtime.lag=1",
     "eval_samples=1",
@@ -37,12 +37,17 @@ def start(*args: str) -> subprocess.Popen:
     """`asympo ARGS` as a scheduler starts it: a process group (and session) of its own."""
     command = [sys.executable, "-m", "asympo", *args]
     return subprocess.Popen(
-        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV, start_new_session=True
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=os.environ | EXTRA_ENV,
+        start_new_session=True,
     )
 
 
 def finish(*args: str) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "asympo", *args], capture_output=True, text=True, env=ENV)
+    command = [sys.executable, "-m", "asympo", *args]
+    done = subprocess.run(command, capture_output=True, text=True, env=os.environ | EXTRA_ENV)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -110,9 +115,12 @@ def test_async_rollout_workers_and_reward_helpers_end_with_the_trainer(tmp_path,
     assert json.loads((tmp_path / "result.json").read_text())["version"] == 40
 
 
-def test_a_local_ray_and_its_actors_end_with_the_driver(tmp_path, census):
+@pytest.mark.parametrize("ranks", [1, 2], ids=["rollout-actors", "and-learner-ranks"])
+def test_a_local_ray_and_its_actors_end_with_the_driver(tmp_path, census, ranks):
+    """Rollout actors, and with learner.processes=2 a follower rank as a Ray actor too (learner.launcher=auto
+    picks Ray beside Ray rollouts): the reaper takes the local Ray down with every actor."""
     args = ["train", "runtime.mode=async", "runtime.backend=ray", "runtime.ray_num_cpus=2", *SMALL]
-    args += ["steps=40", f"out={tmp_path}"]
+    args += ["steps=40", f"learner.processes={ranks}", f"out={tmp_path}"]
     shm = shared_memory()
     run = start(*args)
     wait_for(lambda: steps_logged(tmp_path) >= 3, run)
