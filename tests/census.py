@@ -9,6 +9,9 @@ from pathlib import Path
 
 MARK = "ASYMPO_CENSUS"
 SETTLE = 15.0  # seconds the test's processes get to leave after it ends
+# a library's per-process service that a test started in the test runner itself lives as long as the runner,
+# by design, and ends with it: multiprocessing's resource tracker, wandb's service (it watches `--pid`)
+RUNNER_SERVICES = (b"multiprocessing.resource_tracker", b"wandb-core")
 
 
 def marked(mark: str) -> list[str]:
@@ -21,9 +24,13 @@ def marked(mark: str) -> list[str]:
         try:
             if needle not in (entry / "environ").read_bytes().split(b"\0"):
                 continue
-            if (entry / "stat").read_text().rpartition(")")[2].split()[0] == "Z":
+            stat = (entry / "stat").read_text().rpartition(")")[2].split()
+            if stat[0] == "Z":
                 continue
-            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            raw = (entry / "cmdline").read_bytes()
+            if int(stat[1]) == os.getpid() and any(s in raw for s in RUNNER_SERVICES):
+                continue
+            command = raw.replace(b"\0", b" ").decode(errors="replace")
             found.append(f"{entry.name} {command[:160]}")
         except OSError:  # it left while we looked
             continue

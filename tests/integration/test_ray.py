@@ -169,3 +169,37 @@ def test_a_sigkilled_actor_mid_run_is_replaced_and_the_run_completes(cluster, tm
     assert [m["step"] for m in steps] == list(range(20))
     assert steps[-1]["worker_restarts"] == 1 and steps[-1]["lost_jobs"] >= 1
     assert max(int(k) for m in steps for k in m["staleness_hist"]) <= 2  # the default max_staleness
+
+
+def test_a_sigkilled_driver_takes_its_actors_but_leaves_a_joined_cluster(cluster, tmp_path):
+    """asympo joined the test's cluster: SIGKILL of the driver ends asympo's own actors (Ray ends an owner's
+    actors) within 15 s, and the cluster, which asympo did not start, keeps running."""
+    from asympo.lifetime import alive
+
+    out = tmp_path / "run"
+    mine = ray.get_runtime_context().namespace
+    run = train_cli(out, f"runtime.ray_address={cluster}", "runtime.workers=2", "steps=200", wait=False)
+    try:
+        deadline = time.monotonic() + 180
+        while len(step_metrics(out)) < 2:
+            assert run.poll() is None, run.communicate()[1][-2000:]
+            assert time.monotonic() < deadline, "no training steps within 180 s"
+            time.sleep(0.2)
+        named = [
+            a
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith("asympo-rollout-") and a["namespace"] != mine
+        ]
+        pids = [ray.get(ray.get_actor(a["name"], namespace=a["namespace"]).pid.remote()) for a in named]
+        assert len(pids) == 2 and all(alive(p) for p in pids)
+        os.kill(run.pid, signal.SIGKILL)
+        run.communicate()
+        deadline = time.monotonic() + 15
+        while any(alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.25)
+        assert not any(alive(p) for p in pids), "asympo's actors outlived their driver"
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.communicate()
+    assert ray.get(ray.put(7)) == 7 and ray.cluster_resources().get("CPU") == 2  # the cluster lives on
