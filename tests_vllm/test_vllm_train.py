@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -95,36 +94,25 @@ def test_the_engine_process_ends_with_a_sigkilled_trainer(tmp_path):
     import signal
     import time
 
-    from asympo.lifetime import alive
+    from tests.census import MARK, marked, settle
 
-    mark = f"ASYMPO_VLLM_KILL={secrets.token_hex(8)}".encode()
+    mark = secrets.token_hex(8)
     args = [sys.executable, "-m", "asympo", "train", "runtime.mode=lag", "steps=400", f"out={tmp_path}"]
-    args += SMALL
-    env = os.environ | {"ASYMPO_VLLM_KILL": mark.split(b"=")[1].decode()}
     run = subprocess.Popen(
-        args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True
+        [*args, *SMALL],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=os.environ | {MARK: mark},
+        start_new_session=True,
     )
-
-    def ours() -> list[int]:
-        found = []
-        for name in os.listdir("/proc"):
-            try:
-                if name.isdigit() and mark in Path(f"/proc/{name}/environ").read_bytes().split(b"\0"):
-                    found.append(int(name))
-            except OSError:
-                continue
-        return [pid for pid in found if alive(pid)]
-
     deadline = time.monotonic() + 600
     metrics = tmp_path / "metrics.jsonl"
     while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
         assert run.poll() is None, run.stderr.read()[-3000:]
         assert time.monotonic() < deadline
         time.sleep(0.2)
-    assert len(ours()) > 1  # the trainer and vLLM's engine process (and the reaper)
+    assert len(marked(mark)) > 1  # the trainer and vLLM's engine process (and the reaper)
     os.kill(run.pid, signal.SIGKILL)
     run.wait()
-    deadline = time.monotonic() + 15
-    while ours() and time.monotonic() < deadline:
-        time.sleep(0.25)
-    assert not ours(), [Path(f"/proc/{p}/cmdline").read_bytes()[:120] for p in ours()]
+    left = settle(mark, 15.0)
+    assert not left, "left behind:\n" + "\n".join(left)
