@@ -107,4 +107,3 @@ def synthetic_batch(vocab: int, rows: int, length: int, seed: int = 0) -> TrainB
         versions=torch.zeros(rows, dtype=torch.long),
         behaviour_logprobs=behaviour,
     )
-

@@ -33,6 +33,7 @@ def _status_kib(field: str) -> int:
 def _one_step(model_name: str, rank: int, rows: int, length: int, device: str, precision: str, threads: int):
     """In the child: load, then one learner step (LoRA when rank > 0); the bytes it added at its peak."""
     import peft  # noqa: F401 - before the baseline, in both variants: its modules are no part of a step
+
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model, tokenizer = load_policy(model_name)

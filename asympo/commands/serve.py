@@ -13,6 +13,8 @@ from asympo.models.device import for_engine, resolve
 from asympo.models.load import load_policy
 from asympo.sft import ensure_tiny
 
+PRESET_HUB_IDS = {"smollm2": ("HuggingFaceTB/SmolLM2-135M-Instruct",)}  # what clients call the presets
+
 
 def run(cfg: ServeConfig) -> None:
     try:  # the `serve` extra: Starlette, uvicorn, h11
@@ -38,8 +40,11 @@ def run(cfg: ServeConfig) -> None:
         model, tokenizer = load_policy(cfg.model)
         placement = resolve(cfg.device, cfg.precision, model)
         model = for_engine(model, placement)
-        served = cfg.served_name or cfg.model
-        app = App(model, tokenizer, served, api_key, cfg.max_batch, cfg.seed, cfg.version, weights_dir)
+        served = served_names(cfg)
+        template = read_template(cfg.chat_template)
+        app = App(
+            model, tokenizer, served, api_key, cfg.max_batch, cfg.seed, cfg.version, weights_dir, template
+        )
         sock.listen(BACKLOG)
     except BaseException:
         sock.close()
@@ -49,7 +54,29 @@ def run(cfg: ServeConfig) -> None:
     auth = f", API key from ${cfg.api_key_env} required" if api_key else ""
     where = f"{placement.device} {placement.precision}"
     banner = (
-        f"asympo serve: listening on http://{shown}:{port}/v1 (model {served}, version {app.version}, "
+        f"asympo serve: listening on http://{shown}:{port}/v1 (model {', '.join(served)}, "
+        f"version {app.version}, "
         f"{where}){auth}"
     )
-    run_server(app, sock, cfg.header_timeout, cfg.body_timeout, banner)
+    run_server(app, sock, cfg.header_timeout, cfg.body_timeout, banner, cfg.access_log)
+
+
+def served_names(cfg: ServeConfig) -> tuple[str, ...]:
+    """The names requests may ask for: the configured ones, or the model setting (and a preset's hub id)."""
+    if cfg.served_name:
+        names = [cfg.served_name] if isinstance(cfg.served_name, str) else cfg.served_name
+    else:
+        names = [cfg.model, *PRESET_HUB_IDS.get(cfg.model, ())]
+    return tuple(dict.fromkeys(n.strip() for n in names))
+
+
+def read_template(path: str) -> str | None:
+    if not path:
+        return None
+    try:
+        text = Path(path).expanduser().read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read chat_template {path}: {getattr(e, 'strerror', None) or e}") from None
+    if not text.strip():
+        raise UserError(f"chat_template {path} is empty")
+    return text

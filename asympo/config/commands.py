@@ -190,8 +190,22 @@ class ServeConfig(Placed):
 
     model: str = "tiny"
     """As in train: `tiny`, `smollm2`, a folder, a `.gguf` file or a hub id."""
-    served_name: str = ""
-    """The name `/v1/models` reports; empty: the model setting."""
+    served_name: str | list[str] = ""
+    """The name `/v1/models` reports, or a list of aliases (the first is the main one); requests may ask for
+    any of them. Empty: the model setting (for `smollm2`, also its hub id)."""
+    chat_template: str = ""
+    """A Jinja chat template file used instead of the tokenizer's (e.g. one that defines tool calls);
+    empty: the tokenizer's own."""
+    access_log: bool = True
+    """One line per request on stderr: method, path, status, latency, tokens, and a refusal's reason."""
+
+    @field_validator("served_name")
+    @classmethod
+    def _aliases(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and (not value or not all(name.strip() for name in value)):
+            raise ValueError("served_name must be a name or a non-empty list of non-empty names")
+        return value
+
     host: str = "127.0.0.1"
     """Address to bind: loopback unless asked. Set an API key before binding anything else."""
     port: int = Field(8000, ge=0, le=65535)

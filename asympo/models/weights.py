@@ -31,7 +31,6 @@ def publishable_weights(model: torch.nn.Module, dtype: torch.dtype | None = None
     }
 
 
-
 def save_model_atomic(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path) -> None:
     """Write the model folder next to its destination, then swap it in: a crash never leaves half a model.
     A peft model writes its adapter there and the merged model in `merged/` (models.lora.save_pretrained)."""
@@ -53,4 +52,3 @@ def save_model_atomic(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
-

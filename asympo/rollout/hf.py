@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+from collections.abc import Callable, Collection
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
@@ -13,6 +14,11 @@ from asympo.config import SamplingConfig
 from asympo.rollout.base import Sample
 from asympo.rollout.batching import PrefillStash, Prompt, SlotCache
 from asympo.rollout.packed import PackedLinears
+
+# Called after each decode step with the sequences that drew a token, those tokens, and the logits they were
+# drawn from (banned tokens masked, before temperature); returns the sequences to end now, like EOS (a stop
+# string, a client gone). The server's hook for stop strings, log-probs and streaming (asympo.serve.batcher).
+StepWatch = Callable[[list[int], torch.Tensor, torch.Tensor], Collection[int]]
 
 # Once no prompt is waiting, finished rows leave the batch when they are this share of it: each compaction
 # copies the cache, each finished row left in costs a row of compute per step.
@@ -150,20 +156,28 @@ class HFEngine:
         return groups
 
     def generate_ids(
-        self, prompts: list[list[int]], sampling: SamplingConfig, generator: torch.Generator | None = None
+        self,
+        prompts: list[list[int]],
+        sampling: SamplingConfig,
+        generator: torch.Generator | None = None,
+        watch: StepWatch | None = None,
     ) -> tuple[list[list[int]], list[list[float]], list[str]]:
         """Token-level generation, continuously batched over at most `max_batch` slots.
 
         A sequence that ends (EOS or `max_new_tokens`) frees its slot and the next waiting prompt takes it at
         the next step, so the batch stays full instead of running until its slowest sequence ends. Prompts
         are prefilled a batch at a time, ahead of need, and each distinct prompt once (see `PrefillStash`).
-        Deterministic given the prompts, `max_batch` and the generator's state.
+        Deterministic given the prompts, `max_batch` and the generator's state; `watch` may end some early.
         """
         with torch.inference_mode(), self.packed.active():
-            return self._generate_ids(prompts, sampling, generator)
+            return self._generate_ids(prompts, sampling, generator, watch)
 
     def _generate_ids(
-        self, prompts: list[list[int]], sampling: SamplingConfig, generator: torch.Generator | None
+        self,
+        prompts: list[list[int]],
+        sampling: SamplingConfig,
+        generator: torch.Generator | None,
+        watch: StepWatch | None,
     ) -> tuple[list[list[int]], list[list[float]], list[str]]:
         prompts = [tuple(p) for p in prompts]
         total = len(prompts)
@@ -204,12 +218,13 @@ class HFEngine:
                 return responses, logprobs, reasons
             index = torch.tensor(active, device=device)
             tokens, token_lp = sample_tokens(logits[index], sampling, generator)
+            ended = watch([owner[s] for s in active], tokens, logits[index]) if watch is not None else ()
             finished = []
             for s, token, lp in zip(active, tokens.tolist(), token_lp.tolist(), strict=True):
                 seq = owner[s]
                 responses[seq].append(token)
                 logprobs[seq].append(lp)
-                if token == self.eos_id:
+                if token == self.eos_id or seq in ended:
                     reasons[seq] = "stop"
                 elif len(responses[seq]) < sampling.max_new_tokens:
                     continue

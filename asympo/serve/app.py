@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -28,9 +28,12 @@ from asympo.rollout.hf import HFEngine
 from asympo.serve import weights
 from asympo.serve.batcher import Batcher, Job
 from asympo.serve.errors import ApiError
+from asympo.serve.logprobs import TokenScores, chat_logprobs, completion_logprobs, token_texts
 from asympo.serve.protocol import GenerationRequest, parse_chat, parse_completion, parse_version
+from asympo.serve.streaming import DONE, Stream, TextStream, cut_at_stop, event
+from asympo.serve.tools import OPEN, parse_tool_calls, template_calls_tools
 
-Reply = tuple[int, dict[str, Any]]
+Reply = tuple[int, dict[str, Any] | Stream]
 MAX_SEQUENCES = 4096  # prompts x n in one request: a typo in `n` should be a 400, not an out-of-memory
 MAX_PROMPT_CHARS = 1_000_000  # the ceiling of the per-prompt character limit, whatever the context length
 MIN_BODY = 2**20  # a completions body may always be this large (a list of short prompts)
@@ -105,14 +108,19 @@ class App:
         self,
         model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
-        served: str,
+        served: str | tuple[str, ...],
         api_key: str | None = None,
         max_batch: int = 256,
         seed: int = 0,
         version: int = 0,
         weights_dir: Path | None = None,
+        chat_template: str | None = None,
     ):
-        self.model, self.tokenizer, self.served = model, tokenizer, served
+        self.model, self.tokenizer = model, tokenizer
+        self.served = (served,) if isinstance(served, str) else tuple(served)  # the first is the main name
+        self.chat_template = chat_template or getattr(tokenizer, "chat_template", None) or None
+        self.calls_tools = template_calls_tools(self.chat_template)
+        self.vocab = len(tokenizer)
         self._api_key = api_key  # compared in constant time, never logged or echoed
         self.weights_dir = weights_dir
         self.created = int(time.time())
@@ -173,48 +181,119 @@ class App:
         return 200, {"status": "ok", "version": self.version, "requests": self.batcher.held}
 
     def models(self, req: Request) -> Reply:
-        return 200, {"object": "list", "data": [self._card()]}
+        return 200, {"object": "list", "data": [self._card(name) for name in self.served]}
 
     def model_info(self, req: Request) -> Reply:
         name = unquote(req.path.rstrip("/").removeprefix("/v1/models/"))
-        if name != self.served:
-            raise ApiError(404, f"the model '{name}' does not exist", "model_not_found")
-        return 200, self._card()
+        if name not in self.served:
+            raise ApiError(404, f"the model '{name[:200]}' does not exist", "model_not_found")
+        return 200, self._card(name)
 
-    def _card(self) -> dict[str, Any]:
-        return {"id": self.served, "object": "model", "created": self.created, "owned_by": "asympo"}
+    def _card(self, name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": self.created, "owned_by": "asympo"}
 
     def completions(self, req: Request) -> Reply:
         request = parse_completion(json_object(req.body), self.served)
-        job, usage = self._run(request)
-        choices = [
-            {"index": i, "text": text, "finish_reason": reason, "logprobs": None}
-            for i, (text, reason) in enumerate(self._texts(job))
-        ]
-        return 200, self._envelope("cmpl", "text_completion", choices, usage, job.version)
+        job, usage = self._start(request)
+        if request.stream:
+            return 200, self._stream(job, request, usage, chat=False)
+        self._wait(job)
+        with self.tokenizers.borrow() as tokenizer:
+            choices = [self._completion_choice(tokenizer, job, request, i) for i in range(self._choices(job))]
+        usage = self._usage(usage["prompt_tokens"], job)
+        return 200, self._envelope("cmpl", "text_completion", request.model, choices, usage, job.version)
+
+    def _completion_choice(
+        self, tokenizer: PreTrainedTokenizerBase, job: Job, request: GenerationRequest, i: int
+    ) -> dict[str, Any]:
+        prompt = i // request.n
+        text, reason, kept = "", "length", 0
+        if job.generate:
+            text, hit = cut_at_stop(
+                tokenizer.decode(job.responses[i], skip_special_tokens=True), request.stops
+            )
+            reason = "stop" if hit else job.reasons[i]
+            kept = (
+                _tokens_before(token_texts(tokenizer, job.responses[i]), len(text))
+                if hit
+                else len(job.responses[i])
+            )
+        head = ""
+        if request.echo:
+            given = request.prompts
+            head = given[prompt] if given is not None else tokenizer.decode(job.prompt_ids[prompt])
+        logprobs = None
+        if request.top is not None:
+            scores = TokenScores()
+            if request.echo:
+                scores.extend(job.prompt_scores[prompt])
+            if job.generate:
+                scores.extend(job.scores[i].head(kept))
+            logprobs = completion_logprobs(tokenizer, scores, request.top)
+        return {"index": i, "text": head + text, "finish_reason": reason, "logprobs": logprobs}
 
     def chat_completions(self, req: Request) -> Reply:
         request = parse_chat(json_object(req.body), self.served, self.render_chat)
-        job, usage = self._run(request)
-        choices = [
-            {
-                "index": i,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": reason,
-                "logprobs": None,
-            }
-            for i, (text, reason) in enumerate(self._texts(job))
-        ]
-        return 200, self._envelope("chatcmpl", "chat.completion", choices, usage, job.version)
+        job, usage = self._start(request)
+        if request.stream:
+            return 200, self._stream(job, request, usage, chat=True)
+        self._wait(job)
+        choices = []
+        with self.tokenizers.borrow() as tokenizer:
+            for i, response in enumerate(job.responses):
+                text, hit = cut_at_stop(tokenizer.decode(response, skip_special_tokens=True), request.stops)
+                message, reason = self._message(text, "stop" if hit else job.reasons[i], request)
+                logprobs = None
+                if request.top is not None:
+                    kept = (
+                        _tokens_before(token_texts(tokenizer, response), len(text)) if hit else len(response)
+                    )
+                    logprobs = chat_logprobs(tokenizer, job.scores[i].head(kept), request.top)
+                choices.append(
+                    {"index": i, "message": message, "finish_reason": reason, "logprobs": logprobs}
+                )
+        usage = self._usage(usage["prompt_tokens"], job)
+        return 200, self._envelope("chatcmpl", "chat.completion", request.model, choices, usage, job.version)
 
-    def render_chat(self, messages: list[dict[str, str]]) -> str:
-        """The tokenizer's chat template when it has one, else the contents joined as plain paragraphs."""
+    @staticmethod
+    def _message(text: str, reason: str, request: GenerationRequest) -> tuple[dict[str, Any], str]:
+        """The assistant message of a chat choice: its tool calls, when tools were offered and it made any."""
+        if request.tools:
+            content, calls = parse_tool_calls(text)
+            if calls:
+                return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
+        return {"role": "assistant", "content": text}, reason
+
+    def render_chat(self, request: GenerationRequest) -> str:
+        """The chat template (the tokenizer's, or the one the server was given) with the request's tools, or
+        without a template the contents joined as plain paragraphs."""
+        messages = request.messages
         if sum(len(m["content"]) for m in messages) > self.prompt_chars:
             raise self._too_long()
-        if getattr(self.tokenizer, "chat_template", None):
-            with self.tokenizers.borrow() as tokenizer:
-                return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return "\n\n".join(m["content"] for m in messages)
+        if request.tools and not self.calls_tools:
+            raise ApiError(
+                400,
+                "this model's chat template defines no tool-call format (<tool_call> JSON); "
+                "start the server with chat_template=FILE to give it one",
+                "tools_unsupported",
+            )
+        if self.chat_template is None:
+            return "\n\n".join(m["content"] for m in messages)
+        extra = {"tools": request.tools} if request.tools else {}
+        with self.tokenizers.borrow() as tokenizer:
+            try:
+                return tokenizer.apply_chat_template(
+                    messages,
+                    chat_template=self.chat_template,
+                    tokenize=False,
+                    add_generation_prompt=True,
+                    **extra,
+                )
+            except Exception as e:  # a template may raise on what it does not accept (roles out of order)
+                message = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+                raise ApiError(
+                    400, f"the chat template refused these messages: {message}", "invalid_messages"
+                ) from None
 
     def _too_long(self) -> ApiError:
         room = f" of {self.context} tokens" if self.context is not None else ""
@@ -238,55 +317,196 @@ class App:
         self.batcher.swap_weights(state, version)
         return 200, {"version": version}
 
-    def _run(self, request: GenerationRequest) -> tuple[Job, dict[str, int]]:
-        if len(request.prompts) * request.n > MAX_SEQUENCES:
+    def _start(self, request: GenerationRequest) -> tuple[Job, dict[str, int]]:
+        """Tokenize, check the request fits the context, and queue it; the prompt's token count."""
+        count = request.count
+        if count * request.n > MAX_SEQUENCES:
             raise ApiError(400, f"prompts x n must be at most {MAX_SEQUENCES} per request", "invalid_value")
-        if any(len(p) > self.prompt_chars for p in request.prompts):
-            raise self._too_long()  # before tokenizing: a huge prompt costs seconds and memory to tokenize
-        with self.tokenizers.borrow() as tokenizer:
-            ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in request.prompts]
+        if request.prompt_ids is not None:
+            ids = request.prompt_ids
+            if any(t < 0 or t >= self.vocab for p in ids for t in p):
+                raise ApiError(400, f"token ids must be in [0, {self.vocab})", "invalid_prompt")
+        else:
+            prompts = request.prompts or []
+            if any(len(p) > self.prompt_chars for p in prompts):
+                raise self._too_long()  # before tokenizing: a huge prompt costs seconds to tokenize
+            with self.tokenizers.borrow() as tokenizer:
+                ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         if any(not x for x in ids):
             raise ApiError(400, "a prompt tokenizes to nothing", "invalid_prompt")
         sampling = request.sampling
         if self.context is not None:
-            room = self.context - max(len(x) for x in ids)
-            if not request.max_tokens_given and room >= 1:
+            longest = max(len(x) for x in ids)
+            room = self.context - longest
+            wanted = sampling.max_new_tokens if request.generate else 0
+            if request.generate and not request.max_tokens_given and room >= 1:
                 sampling = sampling.model_copy(update={"max_new_tokens": min(sampling.max_new_tokens, room)})
-            elif room < sampling.max_new_tokens:
+            elif room < wanted or room < 0:
                 raise ApiError(
                     400,
-                    f"prompt ({self.context - room} tokens) + max_tokens ({sampling.max_new_tokens}) exceeds "
-                    f"the model's context of {self.context} tokens",
+                    f"prompt ({longest} tokens) + max_tokens ({wanted}) exceeds the model's context of "
+                    f"{self.context} tokens",
                     "context_length_exceeded",
                 )
-        job = self.batcher.submit(Job(ids, request.n, sampling, request.seed))
+        job = Job(
+            ids,
+            request.n,
+            sampling,
+            request.seed,
+            stops=request.stops,
+            top=request.top,
+            echo=request.echo,
+            generate=request.generate,
+            stream=queue.SimpleQueue() if request.stream else None,
+        )
+        self.batcher.enqueue(job)
+        return job, {"prompt_tokens": sum(len(x) for x in ids)}
+
+    @staticmethod
+    def _wait(job: Job) -> None:
+        job.done.wait()
         if isinstance(job.error, ApiError):
             raise job.error
         if job.error is not None:
             raise ApiError(500, f"generation failed: {type(job.error).__name__}: {job.error}", "engine_error")
+
+    @staticmethod
+    def _choices(job: Job) -> int:
+        return job.sequences if job.generate else len(job.prompt_ids) * job.n
+
+    @staticmethod
+    def _usage(prompt: int, job: Job) -> dict[str, int]:
         completion = sum(len(r) for r in job.responses)
-        prompt = sum(len(x) for x in ids)
-        return job, {
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-        }
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    def _texts(self, job: Job) -> list[tuple[str, str]]:
-        with self.tokenizers.borrow() as tokenizer:
-            texts = [tokenizer.decode(r, skip_special_tokens=True) for r in job.responses]
-        return list(zip(texts, job.reasons, strict=True))
+    def _stream(self, job: Job, request: GenerationRequest, usage: dict[str, int], chat: bool) -> Stream:
+        def cancel() -> None:
+            job.cancelled = True
 
-    def _envelope(self, prefix: str, kind: str, choices: list, usage: dict, version: int) -> dict[str, Any]:
+        def final_usage() -> dict[str, int]:
+            job.done.wait()
+            return self._usage(usage["prompt_tokens"], job)
+
+        return Stream(self._chunks(job, request, chat), cancel, final_usage)
+
+    def _chunks(self, job: Job, request: GenerationRequest, chat: bool) -> Iterator[bytes]:
+        """The SSE events of a streaming reply, as the engine produces tokens: text deltas per choice, each
+        choice's finish reason, the usage when asked for, then `[DONE]`."""
+        prefix, kind = ("chatcmpl", "chat.completion.chunk") if chat else ("cmpl", "text_completion")
+        head = self._envelope(prefix, kind, request.model, [], None, job.version)
+        del head["usage"]
+        withhold = (OPEN,) if chat and request.tools else ()
+        choices = [ChoiceStream(TextStream(request.stops, withhold)) for _ in range(job.sequences)]
+        if chat:
+            hello = [_delta(i, {"role": "assistant", "content": ""}) for i in range(job.sequences)]
+            yield event(head | {"choices": hello})
+        over = False
+        while not over and not all(c.reason for c in choices):
+            items = [job.stream.get()]
+            while items[-1] is not None and not job.stream.empty():
+                items.append(job.stream.get())
+            over = items[-1] is None
+            for i, token, _, reason in filter(None, items):
+                choices[i].tokens.append(token)
+                choices[i].reason = choices[i].reason or reason
+            with self.tokenizers.borrow() as tokenizer:
+                parts = [self._chunk_part(tokenizer, job, request, chat, i, c) for i, c in enumerate(choices)]
+            if parts := [p for p in parts if p is not None]:
+                yield event(head | {"choices": parts})
+        job.done.wait()
+        if job.error is not None:
+            error = job.error
+            if not isinstance(error, ApiError):
+                error = ApiError(500, f"generation failed: {type(error).__name__}", "engine_error")
+            yield event(error.body())
+            yield DONE
+            return
+        if request.include_usage:
+            usage = self._usage(sum(len(x) for x in job.prompt_ids), job)
+            yield event(head | {"choices": [], "usage": usage})
+        yield DONE
+
+    def _chunk_part(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        job: Job,
+        request: GenerationRequest,
+        chat: bool,
+        i: int,
+        choice: ChoiceStream,
+    ) -> dict[str, Any] | None:
+        """One choice's part of a chunk: the text that became safe to send, its tokens' log-probs, and at
+        its end the finish reason (and for chat, any tool calls, sent whole). None: nothing new."""
+        if not choice.tokens or choice.sent_end:
+            return None
+        new, choice.tokens = choice.tokens, []
+        reason, extra = None, {}
+        if choice.reason is None:
+            piece = choice.text.advance(tokenizer, new)
+        else:
+            choice.text.ids += new
+            final, piece, hit = choice.text.finish(tokenizer)
+            reason, choice.sent_end = ("stop" if hit else choice.reason), True
+            if chat:
+                message, reason = self._message(final, reason, request)
+                if message.get("tool_calls"):
+                    extra["tool_calls"] = [c | {"index": k} for k, c in enumerate(message["tool_calls"])]
+                    piece = ""
+        logprobs = None
+        if request.top is not None:
+            scores = job.scores[i]
+            fresh = TokenScores(
+                *(part[choice.scored :] for part in (scores.ids, scores.logprobs, scores.tops))
+            )
+            choice.scored += len(fresh.ids)
+            shape = chat_logprobs if chat else completion_logprobs
+            logprobs = shape(tokenizer, fresh, request.top)
+        if not piece and reason is None and logprobs is None:
+            return None
+        if not chat:
+            return {"index": i, "text": piece, "finish_reason": reason, "logprobs": logprobs}
+        return _delta(i, ({"content": piece} if piece or not extra else {}) | extra, reason, logprobs)
+
+    def _envelope(
+        self, prefix: str, kind: str, model: str, choices: list, usage: dict | None, version: int
+    ) -> dict[str, Any]:
         return {
             "id": f"{prefix}-{uuid.uuid4().hex}",
             "object": kind,
             "created": int(time.time()),
-            "model": self.served,
+            "model": model,
             "choices": choices,
             "usage": usage,
             "policy_version": version,  # the weights that generated these choices
         }
+
+
+@dataclass
+class ChoiceStream:
+    """Where one choice of a streaming reply stands: its text, tokens not yet sent, the engine's finish
+    reason once it has one, and how many of its log-prob entries have gone out."""
+
+    text: TextStream
+    tokens: list[int] = field(default_factory=list)
+    reason: str | None = None
+    sent_end: bool = False
+    scored: int = 0
+
+
+def _delta(
+    i: int, delta: dict[str, Any], reason: str | None = None, logprobs: dict | None = None
+) -> dict[str, Any]:
+    return {"index": i, "delta": delta, "finish_reason": reason, "logprobs": logprobs}
+
+
+def _tokens_before(texts: list[str], end: int) -> int:
+    """How many tokens start before character `end` of their joined text: those a cut text keeps."""
+    at = 0
+    for count, text in enumerate(texts):
+        if at >= end:
+            return count
+        at += len(text)
+    return len(texts)
 
 
 def _octet_stream(req: Request) -> bool:

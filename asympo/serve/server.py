@@ -18,9 +18,10 @@ import signal
 import socket
 import sys
 import threading
+import time
 from http import HTTPStatus
 from types import FrameType
-from typing import Any
+from typing import Any, TextIO
 from urllib.parse import parse_qsl
 
 import anyio
@@ -32,6 +33,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from asympo.serve.app import App, Request
 from asympo.serve.errors import ApiError
+from asympo.serve.streaming import Stream
 
 BACKLOG = 2048  # the listen queue: bursts of new connections wait here instead of being reset
 HEADER_TIMEOUT = 10.0  # seconds from connecting (or the end of the last reply) to the end of the headers
@@ -63,10 +65,11 @@ def json_reply(status: int, payload: dict, close: bool = False) -> Response:
 
 
 class AsgiApp:
-    """The ASGI application: checks before reading, reads in bounded chunks, runs the endpoint in a thread."""
+    """The ASGI application: checks before reading, reads in bounded chunks, runs the endpoint in a thread,
+    and writes one access-log line per request (`log`: where to; None: off)."""
 
-    def __init__(self, app: App, body_timeout: float = BODY_TIMEOUT):
-        self.app, self.body_timeout = app, body_timeout
+    def __init__(self, app: App, body_timeout: float = BODY_TIMEOUT, log: TextIO | None = None):
+        self.app, self.body_timeout, self.log = app, body_timeout, log
         self.limiter = anyio.CapacityLimiter(WORKERS)
         self.stopping = False
 
@@ -77,10 +80,61 @@ class AsgiApp:
             return
         if scope["type"] != "http":
             return
+        started = time.perf_counter()
         response = await self._respond(scope, receive)
+        if isinstance(response, Stream):
+            await self._send_stream(response, receive, send)
+            if self.log is not None:
+                usage = await anyio.to_thread.run_sync(response.usage, limiter=self.limiter)
+                self._log(scope, 200, started, usage, "stream dropped" if response.dropped else "stream")
+            return
         await response(scope, receive, send)
+        self._log(
+            scope,
+            response.status_code,
+            started,
+            getattr(response, "usage", None),
+            getattr(response, "reason", ""),
+        )
 
-    async def _respond(self, scope: dict, receive: Any) -> Response:
+    def _log(self, scope: dict, status: int, started: float, usage: dict | None, note: str) -> None:
+        """Method, path, status, latency and tokens; a refusal's reason. Never a header, a key or a body."""
+        if self.log is None:
+            return
+        ms = (time.perf_counter() - started) * 1000
+        tokens = f" tokens={usage['prompt_tokens']}+{usage['completion_tokens']}" if usage else ""
+        path = scope.get("path", "")[:200].encode("unicode_escape").decode()
+        line = f"asympo serve: {scope.get('method', '-')[:16]} {path} {status} {ms:.1f}ms{tokens}"
+        if note:
+            line += f" {note}"
+        print(line, file=self.log, flush=True)
+
+    async def _send_stream(self, stream: Stream, receive: Any, send: Any) -> None:
+        """Server-Sent Events as the engine produces them. A client that goes away cancels its sequences,
+        which frees their slots at the engine's next step."""
+        headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+        try:
+            async with anyio.create_task_group() as group:
+
+                async def until_disconnect() -> None:
+                    while (await receive())["type"] != "http.disconnect":
+                        pass
+                    stream.dropped = True
+                    stream.cancel()
+                    group.cancel_scope.cancel()
+
+                group.start_soon(until_disconnect)
+                await send({"type": "http.response.start", "status": 200, "headers": headers})
+                while (
+                    chunk := await anyio.to_thread.run_sync(stream.next, abandon_on_cancel=True)
+                ) is not None:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                group.cancel_scope.cancel()
+        finally:
+            stream.cancel()  # nothing once the job has ended; otherwise its sequences stop at the next step
+
+    async def _respond(self, scope: dict, receive: Any) -> Response | Stream:
         headers = Headers(scope=scope)
         unread = "content-length" in headers or "transfer-encoding" in headers  # until read to its end
         try:
@@ -98,11 +152,17 @@ class AsgiApp:
             req.body = await self._read_body(receive, headers, limit)
             unread = False
             status, payload = await anyio.to_thread.run_sync(endpoint, self.app, req, limiter=self.limiter)
-            return json_reply(status, payload)
+            if isinstance(payload, Stream):
+                return payload
+            response = json_reply(status, payload)
+            response.usage = payload.get("usage")  # for the access log
+            return response
         except ApiError as e:
             # A refused request may leave its body unread: close, so the next request cannot start inside it.
             # Oversized headers close too: the HTTP layer's own 431 does, and such a client gets no second go.
-            return json_reply(e.status, e.body(), close=unread or e.status >= 500 or e.status == 431)
+            response = json_reply(e.status, e.body(), close=unread or e.status >= 500 or e.status == 431)
+            response.reason = f"({e.code}: {e.message[:200]})"
+            return response
         except Exception as e:  # a bug, not the client's fault: say so, keep serving
             print(
                 f"asympo serve: internal error on {scope.get('method')}: {type(e).__name__}: {e}",
@@ -233,12 +293,17 @@ def h11_reason(status: int) -> str:
 
 
 def run_server(
-    app: App, sock: socket.socket, header_timeout: float, body_timeout: float, banner: str
+    app: App,
+    sock: socket.socket,
+    header_timeout: float,
+    body_timeout: float,
+    banner: str,
+    access_log: bool = True,
 ) -> None:
     """Serve `app` on the bound socket until SIGINT/SIGTERM: stop accepting, answer waiting requests
     with a 503, let the ones decoding finish (`SHUTDOWN_GRACE`), exit 0. `banner` is printed once the
     signal handlers are in place."""
-    asgi = AsgiApp(app, body_timeout)
+    asgi = AsgiApp(app, body_timeout, sys.stderr if access_log else None)
     config = uvicorn.Config(
         asgi,
         http=type("Protocol", (Protocol,), {"header_timeout": header_timeout}),

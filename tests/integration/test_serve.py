@@ -117,7 +117,7 @@ def test_greedy_output_equals_the_in_process_engine(server):
         ("/completions", {"prompt": 5}, 400, "invalid_prompt"),
         ("/completions", {"prompt": "1+2=", "temperature": "hot"}, 400, "invalid_type"),
         ("/completions", {"prompt": "1+2=", "n": 0}, 400, "invalid_value"),
-        ("/completions", {"prompt": "1+2=", "stream": True}, 400, "unsupported"),
+        ("/completions", {"prompt": "1+2=", "stream": True, "echo": True}, 400, "unsupported"),
         ("/completions", {"prompt": "1+2=", "max_tokens": 10_000}, 400, "context_length_exceeded"),
         ("/chat/completions", {"messages": "hi"}, 400, "invalid_messages"),
         ("/nowhere", {"prompt": "1+2="}, 404, "not_found"),
