@@ -41,6 +41,26 @@ def rollout_metrics(samples: list[Sample], learner_version: int) -> dict[str, fl
         "truncated_frac": sum(s.finish_reason == "length" for s in samples) / n,
         "staleness_mean": sum(k * v for k, v in staleness.items()) / n,
         "staleness_hist": {str(k): v for k, v in sorted(staleness.items())},
+        **version_metrics(samples, learner_version),
+    }
+
+
+def version_metrics(samples: list[Sample], learner_version: int) -> dict[str, float]:
+    """Staleness split the way prime-rl reports it: versions published while a response was generated
+    (`inflight`) and while it waited for the learner (`queue`), which add up to the staleness counted from
+    its oldest token; and how many versions a response spans (in-flight weight updates)."""
+    inflight = [s.finished_version - s.version for s in samples]
+    queue = [learner_version - s.finished_version for s in samples]
+    span = [s.newest_version - s.version for s in samples]
+    n = len(samples)
+    return {
+        "staleness_inflight_mean": sum(inflight) / n,
+        "staleness_inflight_max": max(inflight),
+        "staleness_queue_mean": sum(queue) / n,
+        "staleness_queue_max": max(queue),
+        "version_span_mean": sum(span) / n,
+        "version_span_max": max(span),
+        "spanning_frac": sum(x > 0 for x in span) / n,
     }
 
 

@@ -21,6 +21,12 @@ from asympo.lifetime import child_env
 
 # name -> the overrides that select it; every variant trains the same model on the same batches
 VARIANTS = {"sync": ["runtime.mode=sync"], "async": ["runtime.mode=async"]}
+# when an async worker takes new weights: between jobs, or between decode steps (keeping or recomputing KV)
+INFLIGHT_VARIANTS = {
+    "between_jobs": ["runtime.mode=async", "rollout.weight_updates=between_jobs"],
+    "keep": ["runtime.mode=async", "rollout.weight_updates=inflight", "rollout.inflight_kv=keep"],
+    "recompute": ["runtime.mode=async", "rollout.weight_updates=inflight", "rollout.inflight_kv=recompute"],
+}
 
 
 def train_run(overrides: list[str], steps: int, out: Path, extra: list[str]) -> dict:
@@ -36,6 +42,7 @@ def train_run(overrides: list[str], steps: int, out: Path, extra: list[str]) -> 
     rollout = json.loads((out / "config.json").read_text())["rollout"]
     samples = (len(trained) - 1) * rollout["prompts_per_step"] * rollout["group_size"]
     seconds = trained[-1]["elapsed"] - trained[0]["elapsed"]
+    steady = trained[1:]
     return {
         "samples_per_s": samples / seconds,
         "staleness_mean": statistics.fmean(m["staleness_mean"] for m in trained),
@@ -46,7 +53,33 @@ def train_run(overrides: list[str], steps: int, out: Path, extra: list[str]) -> 
         # sync only: the split of a step, which bounds what overlapping generation and training can gain
         "rollout_s": statistics.fmean(m.get("rollout_time", float("nan")) for m in trained[1:]),
         "learn_s": statistics.fmean(m["learn_time"] for m in trained[1:]),
+        # async only: rollout tokens/s while generating, publish-to-use latency, the staleness split
+        "rollout_tokens_per_s": mean_of(steady, "rollout_tokens_per_s"),
+        "publish_latency_p50": median_of(steady, "publish_latency_p50"),
+        "publish_latency_p99": max_of(steady, "publish_latency_p99"),
+        "staleness_inflight_mean": mean_of(trained, "staleness_inflight_mean"),
+        "staleness_queue_mean": mean_of(trained, "staleness_queue_mean"),
+        "spanning_frac": mean_of(trained, "spanning_frac"),
     }
+
+
+def finite(rows: list[dict], key: str) -> list[float]:
+    return [m[key] for m in rows if isinstance(m.get(key), int | float) and m[key] == m[key]]
+
+
+def mean_of(rows: list[dict], key: str) -> float:
+    values = finite(rows, key)
+    return statistics.fmean(values) if values else float("nan")
+
+
+def median_of(rows: list[dict], key: str) -> float:
+    values = finite(rows, key)
+    return statistics.median(values) if values else float("nan")
+
+
+def max_of(rows: list[dict], key: str) -> float:
+    values = finite(rows, key)
+    return max(values) if values else float("nan")
 
 
 def compare_runtimes(

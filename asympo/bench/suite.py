@@ -20,7 +20,7 @@ from asympo.bench.engines import asympo_vs_vllm, learning_runs, vllm_python
 from asympo.bench.learner import learner_steps, matmul_peak
 from asympo.bench.lora import lora_memory
 from asympo.bench.precision import decode_precisions, device_description, learner_precisions
-from asympo.bench.runtime import VARIANTS, backend_variants, compare_runtimes, served_tiny
+from asympo.bench.runtime import INFLIGHT_VARIANTS, VARIANTS, backend_variants, compare_runtimes, served_tiny
 from asympo.config import BenchConfig
 from asympo.io import atomic_write_text, ensure_writable_dir
 from asympo.metrics import console
@@ -149,6 +149,34 @@ def bench_backends(cfg: BenchConfig, out: Path, say) -> tuple[dict, list[Row]]:
     return r, rows
 
 
+def bench_inflight(cfg: BenchConfig, out: Path, say) -> tuple[dict, list[Row]]:
+    """Between-jobs vs in-flight weight updates (keep and recompute), the same async workload each."""
+    say(
+        f"weight updates: {cfg.runtime_steps} steps of the async tiny workload, {cfg.runtime_repeats} repeats"
+    )
+    r = compare_runtimes(out / "inflight", cfg.runtime_steps, cfg.runtime_repeats, INFLIGHT_VARIANTS, say=say)
+    for name, x in r.items():
+        say(
+            f"  {name:12s} publish-to-use p50 {x['publish_latency_p50']:.3f} s, "
+            f"p99 {x['publish_latency_p99']:.3f} s; staleness in flight {x['staleness_inflight_mean']:.2f}, "
+            f"queued {x['staleness_queue_mean']:.2f}; spanning {x['spanning_frac']:.1%}; "
+            f"learner idle {1 - x['learner_busy']:.1%}"
+        )
+    base = r["between_jobs"]
+    measures = [
+        ("publish-to-use p50 s", "publish_latency_p50", 3, "-"),
+        ("train samples/s", "samples_per_s", 0, ">= 1.0x"),
+        ("rollout tok/s", "rollout_tokens_per_s", 0, "-"),
+    ]
+    rows = [
+        row(f"{label}: inflight {name} vs between_jobs", r[name][key], base[key], digits,
+            f"{r[name][key] / base[key]:.2f}x", target)
+        for name in ("keep", "recompute")
+        for label, key, digits, target in measures
+    ]  # fmt: skip
+    return r, rows
+
+
 def cfg_placement(cfg: BenchConfig, model) -> Placement:
     return resolve(cfg.device, cfg.precision, model)
 
@@ -260,6 +288,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         "learner": lambda: bench_learner(cfg, model, tokenizer, say),
         "runtime": lambda: bench_runtime(cfg, out, say),
         "backends": lambda: bench_backends(cfg, out, say),
+        "inflight": lambda: bench_inflight(cfg, out, say),
         "precision": lambda: bench_precision(cfg, name, model, tokenizer, say),
         "lora": lambda: bench_lora(cfg, name, say),
         "engines": lambda: bench_engines(cfg, name, model, tokenizer, out, say),

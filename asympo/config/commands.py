@@ -56,6 +56,9 @@ STUDY_VARIANTS: dict[str, dict[str, dict[str, str]]] = {
 }
 
 
+WeightUpdates = Literal["between_jobs", "inflight-keep", "inflight-recompute"]
+
+
 class StudyConfig(Strict):
     """A grid of `asympo train` runs in the deterministic lag runtime: objectives x k x lr x seeds.
 
@@ -80,6 +83,10 @@ class StudyConfig(Strict):
     """Seeds per (objective, k, lr); cells run seed by seed, so a stopped study holds whole grids."""
     minibatches: list[int] = Field([1], min_length=1)
     """`optim.minibatches` values: each objective runs at each; above 1 its arm is named `name@mbN`."""
+    weight_updates: list[WeightUpdates] = []
+    """Empty: every cell runs the lag runtime at staleness k. Otherwise each arm runs in the async runtime
+    (`runtime.max_staleness=k`) once per entry, named `name~entry`: `between_jobs`, `inflight-keep` or
+    `inflight-recompute` (`name:learner` arms run `between_jobs` only: segment-wise scoring is not built)."""
     collapse_drop: float = Field(0.5, gt=0, lt=1)
     """A run collapsed if its final accuracy is below collapse_drop x its initial accuracy."""
     workers: int = Field(2, ge=1)
@@ -93,12 +100,21 @@ class StudyConfig(Strict):
 
     @property
     def arms(self) -> list[str]:
-        """What the tables compare: each objective at each minibatches setting (`grpo@mb4`)."""
-        return [o if m == 1 else f"{o}@mb{m}" for m in self.minibatches for o in self.objectives]
+        """What the tables compare: each objective at each weight-update setting when there are any
+        (`grpo~inflight-keep`), and at each minibatches setting (`grpo@mb4`, `grpo~between_jobs@mb4`)."""
+        entries = self.objectives
+        if self.weight_updates:
+            entries = [
+                f"{o}~{w}"
+                for o in entries
+                for w in self.weight_updates
+                if w == "between_jobs" or ":learner" not in o
+            ]
+        return [e if m == 1 else f"{e}@mb{m}" for m in self.minibatches for e in entries]
 
     def lrs_for(self, arm: str, k: int) -> list[float]:
         """The lrs an arm (`grpo:learner@mb4`) runs at staleness k: its lr_table entry's, else every lr."""
-        table = self.lr_table.get(arm.partition("@mb")[0])
+        table = self.lr_table.get(arm.partition("@mb")[0].partition("~")[0])
         if not table:
             return self.lrs
         below = [lag for lag in table if lag <= k]
@@ -230,7 +246,8 @@ class ServeConfig(Placed):
 
 # "lora" (on request): one learner step's memory, LoRA vs full fine-tuning
 # "engines" (on request): asympo's engine vs vLLM (from ./.venv-vllm) on the engine part's workload
-BenchSection = Literal["engine", "learner", "runtime", "backends", "precision", "lora", "engines"]
+# "inflight" (on request): between-jobs vs in-flight weight updates on the async tiny workload
+BenchSection = Literal["engine", "learner", "runtime", "backends", "precision", "lora", "engines", "inflight"]
 
 
 class BenchConfig(Strict):
@@ -242,7 +259,7 @@ class BenchConfig(Strict):
     """Seconds per part: checks that the bench runs (CI); the numbers mean nothing."""
     sections: list[BenchSection] = ["engine", "learner", "runtime", "precision"]
     """The parts to run; on request also `backends` (local vs Ray vs HTTP), `lora` (learner memory, LoRA vs
-    full) and `engines` (asympo's engine vs vLLM)."""
+    full), `engines` (asympo's engine vs vLLM) and `inflight` (weight updates between jobs vs in flight)."""
     device: str = "auto"
     """Device of every part but runtime and backends (those run on the CPU): `auto`, `cpu`, `cuda` or
     `cuda:N`."""

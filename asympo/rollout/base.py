@@ -19,12 +19,23 @@ class Sample:
     response_ids: list[int]
     text: str
     finish_reason: Literal["stop", "length"]
-    version: int
+    version: int  # the policy version of its oldest token: what staleness is counted from
     behaviour_logprobs: list[float] | None = None
     answer: str = ""
     reward: float = 0.0
     group: int = 0
     extra: dict = field(default_factory=dict)
+    # With in-flight weight updates (rollout.weight_updates=inflight) a response may span versions:
+    token_versions: list[int] | None = None  # the version that produced each response token; None: `version`
+    version_end: int | None = None  # the newest published version when it finished; None: `version`
+
+    @property
+    def newest_version(self) -> int:
+        return max(self.token_versions) if self.token_versions else self.version
+
+    @property
+    def finished_version(self) -> int:
+        return self.version if self.version_end is None else max(self.version_end, self.version)
 
 
 class RolloutEngine(Protocol):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import time
 from collections.abc import Callable, Collection
 
 import torch
@@ -19,6 +20,10 @@ from asympo.rollout.packed import PackedLinears
 # drawn from (banned tokens masked, before temperature); returns the sequences to end now, like EOS (a stop
 # string, a client gone). The server's hook for stop strings, log-probs and streaming (asympo.serve.batcher).
 StepWatch = Callable[[list[int], torch.Tensor, torch.Tensor], Collection[int]]
+
+# Called between decode steps when weights may change in flight: loads newer weights into the engine if any
+# were published (through `load_weights`) and says whether it did.
+Refresh = Callable[[], bool]
 
 # Once no prompt is waiting, finished rows leave the batch when they are this share of it: each compaction
 # copies the cache, each finished row left in costs a row of compute per step.
@@ -102,6 +107,7 @@ class HFEngine:
         version: int = 0,
         return_logprobs: bool = True,
         max_batch: int = 64,
+        inflight_kv: str = "keep",
     ):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
@@ -109,6 +115,10 @@ class HFEngine:
         self.device = next(model.parameters()).device
         self.max_batch = max_batch  # live sequences at once; more prompts wait for a free slot
         self.return_logprobs = return_logprobs  # off: samples carry ids, text and version only
+        # In-flight weight updates: `keep` the keys/values live sequences computed under older weights, or
+        # `recompute` them (re-prefill every live sequence under the new weights).
+        self.inflight_kv = inflight_kv
+        self.first_tokens: list[tuple[int, float]] = []  # (version, wall time its first token was sampled)
         # transformers 5 renamed `past_key_values` to `cache`; accept both so older releases work too.
         params = inspect.signature(model.forward).parameters
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
@@ -131,15 +141,26 @@ class HFEngine:
         self.version = version
 
     def generate(
-        self, prompts: list[str], n: int, sampling: SamplingConfig, generator: torch.Generator | None = None
+        self,
+        prompts: list[str],
+        n: int,
+        sampling: SamplingConfig,
+        generator: torch.Generator | None = None,
+        refresh: Refresh | None = None,
     ) -> list[list[Sample]]:
+        """`n` samples per prompt. With `refresh`, newer weights are loaded between decode steps and a
+        response may span versions: each sample records the version of every token."""
         prompt_ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         flat = [ids for ids in prompt_ids for _ in range(n)]
-        responses, logprobs, reasons = self.generate_ids(flat, sampling, generator)
+        with torch.inference_mode(), self.packed.active():
+            responses, logprobs, reasons, versions, ends = self._generate_ids(
+                flat, sampling, generator, None, refresh
+            )
         groups = []
         for g, prompt in enumerate(prompts):
             group = []
             for j in range(g * n, (g + 1) * n):
+                oldest = min(versions[j], default=self.version)
                 group.append(
                     Sample(
                         prompt=prompt,
@@ -147,9 +168,11 @@ class HFEngine:
                         response_ids=responses[j],
                         text=self.tokenizer.decode(responses[j], skip_special_tokens=True),
                         finish_reason=reasons[j],
-                        version=self.version,
+                        version=oldest,
                         behaviour_logprobs=logprobs[j] if self.return_logprobs else None,
                         group=g,
+                        token_versions=versions[j] if any(v != oldest for v in versions[j]) else None,
+                        version_end=ends[j],
                     )
                 )
             groups.append(group)
@@ -170,7 +193,7 @@ class HFEngine:
         Deterministic given the prompts, `max_batch` and the generator's state; `watch` may end some early.
         """
         with torch.inference_mode(), self.packed.active():
-            return self._generate_ids(prompts, sampling, generator, watch)
+            return self._generate_ids(prompts, sampling, generator, watch)[:3]
 
     def _generate_ids(
         self,
@@ -178,12 +201,17 @@ class HFEngine:
         sampling: SamplingConfig,
         generator: torch.Generator | None,
         watch: StepWatch | None,
-    ) -> tuple[list[list[int]], list[list[float]], list[str]]:
+        refresh: Refresh | None = None,
+    ) -> tuple[list[list[int]], list[list[float]], list[str], list[list[int]], list[int]]:
+        """Also returns each token's version and the version each sequence finished under."""
         prompts = [tuple(p) for p in prompts]
         total = len(prompts)
         responses: list[list[int]] = [[] for _ in range(total)]
         logprobs: list[list[float]] = [[] for _ in range(total)]
+        versions: list[list[int]] = [[] for _ in range(total)]
+        ends = [self.version] * total
         reasons = ["length"] * total
+        first_of_version = True
         num_slots = min(self.max_batch, total)
         compact_at = max(1, round(num_slots * COMPACT_FRACTION))
         device = self.device
@@ -215,30 +243,41 @@ class HFEngine:
                 started = newcomers.stop
             active = [s for s, seq in enumerate(owner) if seq >= 0]
             if not active:
-                return responses, logprobs, reasons
+                return responses, logprobs, reasons, versions, ends
             index = torch.tensor(active, device=device)
             tokens, token_lp = sample_tokens(logits[index], sampling, generator)
+            if first_of_version:  # publish-to-use latency: when a version's first token was drawn
+                self.first_tokens.append((self.version, time.time()))
+                first_of_version = False
             ended = watch([owner[s] for s in active], tokens, logits[index]) if watch is not None else ()
             finished = []
             for s, token, lp in zip(active, tokens.tolist(), token_lp.tolist(), strict=True):
                 seq = owner[s]
                 responses[seq].append(token)
                 logprobs[seq].append(lp)
+                versions[seq].append(self.version)  # every slot's logits came from the weights loaded now
                 if token == self.eos_id or seq in ended:
                     reasons[seq] = "stop"
                 elif len(responses[seq]) < sampling.max_new_tokens:
                     continue
+                ends[seq] = self.version
                 finished.append(s)
                 owner[s] = -1
             slots.retire(finished)
             if len(finished) == len(active) and started == total:
-                return responses, logprobs, reasons
+                return responses, logprobs, reasons, versions, ends
             step_tokens = torch.full((len(owner),), self.pad_id, device=device).index_copy_(0, index, tokens)
             if started == total and len(finished) and owner.count(-1) >= compact_at:
                 keep = torch.tensor([s for s, seq in enumerate(owner) if seq >= 0], device=device)
                 slots.select(keep)  # nothing left to refill with: stop computing finished rows
                 owner = [owner[s] for s in keep.tolist()]
                 positions, step_tokens = positions[keep], step_tokens[keep]
+            if refresh is not None and refresh():  # newer weights, loaded between two decode steps
+                first_of_version = True
+                stash.entries.clear()  # prompts prefilled under the old weights are prefilled again
+                if self.inflight_kv == "recompute":
+                    logits = self._recompute(slots, owner, prompts, responses, positions, logits)
+                    continue
             out = self.model(
                 input_ids=step_tokens[:, None],
                 attention_mask=slots.open_column(),
@@ -249,6 +288,30 @@ class HFEngine:
             slots.advance()
             positions += 1
             logits = self._mask_banned(out.logits[:, -1])
+
+    def _recompute(
+        self,
+        slots: SlotCache,
+        owner: list[int],
+        prompts: list[Prompt],
+        responses: list[list[int]],
+        positions: torch.Tensor,
+        logits: torch.Tensor,
+    ) -> torch.Tensor:
+        """AReaL's choice after a weight update: every live sequence (prompt and response so far, the token
+        just drawn included) is prefilled again under the new weights and takes its slot afresh, so no key or
+        value computed by older weights is attended to again. Returns the slots' next-token logits."""
+        live = [s for s, seq in enumerate(owner) if seq >= 0]
+        full = [prompts[owner[s]] + tuple(responses[owner[s]]) for s in live]
+        stash = PrefillStash(full)
+        self._prefill(stash.missing(full), stash)
+        logits = logits.new_zeros(len(owner), logits.shape[-1])  # the rows of free slots are never drawn from
+        for s, sequence in zip(live, full, strict=True):
+            cache, next_logits = stash.take(sequence, 1)
+            slots.insert(torch.tensor([s], device=self.device), cache)
+            logits[s] = next_logits
+            positions[s] = len(sequence)
+        return logits
 
     def _prefill(self, prompts: list[Prompt], stash: PrefillStash) -> None:
         """Run the prompts in one left-padded batch and keep their caches and next-token logits in `stash`."""

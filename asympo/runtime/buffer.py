@@ -56,7 +56,8 @@ class StalenessBuffer:
             self.add(group)
 
     def evict_stale(self, learner_version: int) -> int:
-        fresh = [g for g in self.groups if learner_version - g[0].version <= self.max_staleness]
+        """Counted from a group's oldest token: with in-flight updates its samples may span versions."""
+        fresh = [g for g in self.groups if learner_version - min(s.version for s in g) <= self.max_staleness]
         dropped = len(self.groups) - len(fresh)
         self.dropped += dropped
         self.groups = deque(fresh)
@@ -70,6 +71,32 @@ class StalenessBuffer:
                 s.group = gid
                 samples.append(s)
         return samples
+
+
+def publish_latencies(first_tokens: list[tuple[int, float]], published: dict[int, float]) -> list[float]:
+    """Seconds from each version's publish (wall time, `published`) to the first token an engine drew with
+    it (`first_tokens`, drained); a version is counted once, at its first use."""
+    out = [t - published.pop(v) for v, t in first_tokens if published.get(v)]
+    first_tokens.clear()
+    return out
+
+
+class LatencyMeter:
+    """Publish-to-use latencies reported by the workers; each batch reports the p50 and p99 of the last
+    `window` (NaN before any)."""
+
+    def __init__(self, window: int = 256):
+        self.values: deque[float] = deque(maxlen=window)
+
+    def add(self, values: list[float]) -> None:
+        self.values.extend(values)
+
+    def stats(self) -> dict[str, float]:
+        if not self.values:
+            return {"publish_latency_p50": float("nan"), "publish_latency_p99": float("nan")}
+        ordered = sorted(self.values)
+        pick = lambda q: ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]  # noqa: E731
+        return {"publish_latency_p50": pick(0.5), "publish_latency_p99": pick(0.99)}
 
 
 class BusyMeter:

@@ -42,6 +42,7 @@ def build_runtime(
     """The runtime for `cfg.runtime.mode`; `problems` starts at the data cursor `cursor`. In-process engines
     get their own copy of the policy on the learner's device, in the placement's dtype."""
     engine_logprobs = cfg.behaviour.compare or cfg.behaviour.source == "engine"
+    check_weight_updates(cfg)
     if cfg.runtime.backend == "ray":
         runtime = build_ray(cfg, model, version, problems, score, engine_logprobs, placement)
         runtime.cursor = cursor
@@ -66,6 +67,34 @@ def build_runtime(
         runtime = LagRuntime(engine, problems, score, cfg.rollout, lag, cfg.seed)
     runtime.cursor = cursor
     return runtime
+
+
+def check_weight_updates(cfg: TrainConfig) -> None:
+    """`rollout.weight_updates=inflight` where it can work: asympo's engine in an async runtime, with
+    behaviour log-probs (if any) from the engine, which draws each token under the weights it records."""
+    if cfg.rollout.weight_updates != "inflight":
+        return
+    if cfg.rollout.engine == "openai":
+        raise UserError(
+            "rollout.weight_updates=inflight needs an engine that loads weights between decode steps; "
+            "rollout.engine=openai is a remote server, reloaded between requests: use between_jobs"
+        )
+    if cfg.rollout.engine == "vllm":
+        raise UserError(
+            "rollout.weight_updates=inflight is built for rollout.engine=hf: asympo drives vLLM through its "
+            "offline LLM API, which finishes every request of a call under one set of weights"
+        )
+    if cfg.runtime.mode != "async":
+        raise UserError(
+            f"rollout.weight_updates=inflight needs runtime.mode=async (it is '{cfg.runtime.mode}'): in sync "
+            "and lag modes the engine is idle while the learner trains, so nothing arrives in flight"
+        )
+    needs = cfg.behaviour.compare or get_objective(cfg.objective.name).needs_behaviour
+    if cfg.behaviour.source == "learner" and needs:
+        raise UserError(
+            "rollout.weight_updates=inflight with behaviour.source=learner: scoring each token under its own "
+            "version's snapshot (responses that span versions) is not built; use behaviour.source=engine"
+        )
 
 
 def learner_threads(cfg: TrainConfig) -> None:

@@ -25,7 +25,15 @@ from asympo.models.device import for_engine, resolve
 from asympo.models.load import load_policy
 from asympo.rollout.base import Sample
 from asympo.rollout.hf import HFEngine
-from asympo.runtime.buffer import BusyMeter, Job, Scorer, StalenessBuffer, job_seed
+from asympo.runtime.buffer import (
+    BusyMeter,
+    Job,
+    LatencyMeter,
+    Scorer,
+    StalenessBuffer,
+    job_seed,
+    publish_latencies,
+)
 
 CTX = mp.get_context("spawn")  # a fresh interpreter: no forked torch thread pools or locks
 
@@ -38,6 +46,9 @@ class SharedWeights:
     def __init__(self, state_dict: dict[str, torch.Tensor], version: int):
         self.tensors = {k: v.detach().clone().share_memory_() for k, v in state_dict.items()}
         self.version = CTX.Value("q", version, lock=False)
+        self.published_at = CTX.Value(
+            "d", 0.0, lock=False
+        )  # wall time of the publish; 0: the initial weights
         self.seq = CTX.Value("q", 0, lock=False)
 
     def publish(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
@@ -46,20 +57,25 @@ class SharedWeights:
             for name, tensor in self.tensors.items():
                 tensor.copy_(state_dict[name])
         self.version.value = version
+        self.published_at.value = time.time()
         self.seq.value += 1
 
-    def read_into(self, engine) -> None:
+    def read_into(self, engine) -> tuple[int, float]:
+        """Load the newest weights into `engine`; their version and publish time."""
         while True:
             seq = self.seq.value
             if seq % 2 == 0:
-                engine.load_weights(self.tensors, self.version.value)
+                version, published_at = self.version.value, self.published_at.value
+                engine.load_weights(self.tensors, version)
                 if self.seq.value == seq:
-                    return
+                    return version, published_at
             time.sleep(0.001)
 
 
 def worker_main(jobs, results, shared: SharedWeights, model: str, rollout: RolloutConfig, opts: dict) -> None:
-    """A rollout worker: take a job, pick up the newest weights, generate, send the groups back.
+    """A rollout worker: take a job, pick up the newest weights, generate, send the groups back. With
+    `rollout.weight_updates=inflight` it also picks up weights published while it generates, between two
+    decode steps (a read of the shared version counter per step).
 
     It exits when its job pipe closes, which is also what happens when the trainer dies."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle, with a checkpoint
@@ -69,17 +85,35 @@ def worker_main(jobs, results, shared: SharedWeights, model: str, rollout: Rollo
     policy, tokenizer = load_policy(model)
     policy = for_engine(policy, resolve(opts["device"], opts["precision"], policy))
     engine = HFEngine(
-        policy, tokenizer, version=-1, return_logprobs=opts["return_logprobs"], max_batch=rollout.max_batch
+        policy,
+        tokenizer,
+        version=-1,
+        return_logprobs=opts["return_logprobs"],
+        max_batch=rollout.max_batch,
+        inflight_kv=rollout.inflight_kv,
     )
+    published: dict[int, float] = {}  # versions loaded and not yet used: their publish times
+
+    def refresh() -> bool:
+        if shared.version.value == engine.version:
+            return False
+        version, published_at = shared.read_into(engine)
+        published[version] = published_at
+        return True
+
+    inflight = refresh if rollout.weight_updates == "inflight" else None
     try:
         while (job := jobs.recv()) is not None:
-            if shared.version.value != engine.version:
-                shared.read_into(engine)
+            refresh()
             start = time.perf_counter()
             generator = torch.Generator().manual_seed(job.seed)
             prompts = [p.prompt for p in job.problems]
-            groups = engine.generate(prompts, rollout.group_size, rollout, generator)
-            results.send((job.id, groups, time.perf_counter() - start))
+            groups = engine.generate(prompts, rollout.group_size, rollout, generator, inflight)
+            if inflight is None:  # versions published while this job generated, unused by it
+                for sample in (s for group in groups for s in group):
+                    sample.version_end = shared.version.value
+            latencies = publish_latencies(engine.first_tokens, published)
+            results.send((job.id, groups, time.perf_counter() - start, latencies))
     except (EOFError, BrokenPipeError):
         return
 
@@ -177,13 +211,14 @@ class AsyncRuntime:
         self.learner_version = version
         self.job_prompts = math.ceil(rollout.prompts_per_step / workers)
         self.buffer = StalenessBuffer(max_staleness)
-        self.inbox: queue.Queue = queue.Queue()  # (worker, job id, groups, generation seconds)
+        self.inbox: queue.Queue = queue.Queue()  # (worker, job id, groups, generation seconds, latencies)
         # Generated or generating, at most two batches ahead of the learner: one waiting in the buffer and
         # one on the way. More would only go stale and be dropped when the learner is the slower side.
         self.capacity = 2 * rollout.prompts_per_step
         self.cursor, self.next_job = 0, 0
         self.counts = {"dropped_stale": 0, "worker_restarts": 0, "lost_jobs": 0}
         self.meter = BusyMeter()
+        self.latency = LatencyMeter()
         self.workers = [Worker(i, self) for i in range(workers)]
         self.stop_requested: Callable[[], bool] = lambda: False  # the trainer's signal flag
 
@@ -208,7 +243,7 @@ class AsyncRuntime:
                 continue
             self._collect()
         samples = self.buffer.take(self.rollout.prompts_per_step)
-        stats = self.meter.stats(entered, len(self.workers))
+        stats = self.meter.stats(entered, len(self.workers)) | self.latency.stats()
         return samples, stats | {"buffer_groups": len(self.buffer), **self.counts}
 
     def _dispatch(self) -> None:
@@ -232,9 +267,12 @@ class AsyncRuntime:
             except queue.Empty:
                 return
 
-    def _admit(self, worker: Worker, job_id: int, groups: list[list[Sample]], busy: float) -> None:
+    def _admit(
+        self, worker: Worker, job_id: int, groups: list[list[Sample]], busy: float, latencies: list[float]
+    ) -> None:
         job = worker.in_flight.pop(job_id)
         self.meter.record(groups, busy)
+        self.latency.add(latencies)
         self.buffer.add_rewarded(job.problems, groups, self.score)
 
     def _evict_stale(self) -> None:

@@ -35,7 +35,15 @@ from asympo.models.load import load_policy
 from asympo.models.lora import apply_lora
 from asympo.rollout.base import Sample
 from asympo.rollout.hf import HFEngine
-from asympo.runtime.buffer import BusyMeter, Job, Scorer, StalenessBuffer, job_seed
+from asympo.runtime.buffer import (
+    BusyMeter,
+    Job,
+    LatencyMeter,
+    Scorer,
+    StalenessBuffer,
+    job_seed,
+    publish_latencies,
+)
 
 try:
     import ray
@@ -69,38 +77,59 @@ class RolloutActor:
         if lora is not None:  # the learner's adapters on this base: each version sends only them
             apply_lora(policy, lora)
         self.engine = HFEngine(
-            policy, tokenizer, version=-1, return_logprobs=return_logprobs, max_batch=rollout.max_batch
+            policy,
+            tokenizer,
+            version=-1,
+            return_logprobs=return_logprobs,
+            max_batch=rollout.max_batch,
+            inflight_kv=rollout.inflight_kv,
         )
         self.rollout = rollout
         self.lock = threading.Lock()
-        self.newest: tuple[int, list] = (-1, [])  # (version, [ObjectRef]): boxed, so Ray does not fetch it
+        # (version, [ObjectRef], publish wall time): the ref boxed in a list, so Ray does not fetch it
+        self.newest: tuple[int, list, float] = (-1, [], 0.0)
+        self.published: dict[int, float] = {}  # versions loaded and not yet used: their publish times
 
     @ray.method(concurrency_group="control")
     def pid(self) -> int:
         return os.getpid()
 
     @ray.method(concurrency_group="control")
-    def offer(self, version: int, weights: list) -> None:
-        self._note(version, weights)
+    def offer(self, version: int, weights: list, published_at: float) -> None:
+        self._note(version, weights, published_at)
 
     def generate(
-        self, prompts: list[str], seed: int, version: int, weights: list
-    ) -> tuple[list[list[Sample]], float]:
-        """The groups for `prompts`, from the newest version this actor knows of, and the seconds it took."""
-        self._note(version, weights)
-        with self.lock:
-            version, weights = self.newest
-        if version != self.engine.version:
-            self.engine.load_weights(ray.get(weights[0]), version)
+        self, prompts: list[str], seed: int, version: int, weights: list, published_at: float
+    ) -> tuple[list[list[Sample]], float, list[float]]:
+        """The groups for `prompts` from the newest version this actor knows of (with in-flight updates, also
+        those offered while it generates), the seconds it took, and the publish-to-use latencies."""
+        self._note(version, weights, published_at)
+        self._refresh()
         start = time.perf_counter()
         generator = torch.Generator().manual_seed(seed)
-        groups = self.engine.generate(prompts, self.rollout.group_size, self.rollout, generator)
-        return groups, time.perf_counter() - start
+        inflight = self._refresh if self.rollout.weight_updates == "inflight" else None
+        groups = self.engine.generate(prompts, self.rollout.group_size, self.rollout, generator, inflight)
+        if inflight is None:  # versions offered while this job generated, unused by it
+            for sample in (s for group in groups for s in group):
+                sample.version_end = self.newest[0]
+        latencies = publish_latencies(self.engine.first_tokens, self.published)
+        return groups, time.perf_counter() - start, latencies
 
-    def _note(self, version: int, weights: list) -> None:
+    def _refresh(self) -> bool:
+        """Load the newest offered version if the engine has an older one (between jobs, or between decode
+        steps with in-flight updates); whether it did."""
+        with self.lock:
+            version, weights, published_at = self.newest
+        if version == self.engine.version:
+            return False
+        self.engine.load_weights(ray.get(weights[0]), version)
+        self.published[version] = published_at
+        return True
+
+    def _note(self, version: int, weights: list, published_at: float) -> None:
         with self.lock:
             if version > self.newest[0]:
-                self.newest = (version, weights)
+                self.newest = (version, weights, published_at)
 
 
 def check_reachable(address: str) -> None:
@@ -199,6 +228,7 @@ class RayRuntime:
         self.cursor = 0
         self.counts = {"dropped_stale": 0, "worker_restarts": 0, "lost_jobs": 0}
         self.meter = BusyMeter()
+        self.latency = LatencyMeter()
         self.owns_ray = connect(address, num_cpus)
         self.workers: list[ActorSlot] = []
         self.spawned = 0
@@ -244,9 +274,10 @@ class RayRuntime:
         """One copy into the object store; the actors get a reference, not the tensors. An actor still
         loading its model gets none: offers queued behind its start would pin every version meanwhile."""
         self.learner_version, self.weights = version, [ray.put(weights)]
+        self.published_at = time.time() if self.workers else 0.0  # 0: the initial weights, no latency
         for worker in self.workers:
             if worker.ready:
-                worker.actor.offer.remote(version, self.weights)
+                worker.actor.offer.remote(version, self.weights, self.published_at)
 
     def next_batch(self, step: int, attempt: int = 0) -> tuple[list[Sample], dict[str, float]]:
         # attempt > 0: a further round of the same step (dynamic sampling); the buffer's next groups are fresh
@@ -263,7 +294,7 @@ class RayRuntime:
             for ref in ready:
                 self._receive(ref)
         samples = self.buffer.take(self.rollout.prompts_per_step)
-        stats = self.meter.stats(entered, len(self.workers))
+        stats = self.meter.stats(entered, len(self.workers)) | self.latency.stats()
         return samples, stats | {"buffer_groups": len(self.buffer), **self.counts}
 
     def _dispatch(self) -> None:
@@ -274,7 +305,9 @@ class RayRuntime:
                 seed = job_seed(self.seed, self.cursor)  # the same seeds as the local runtime
                 self.cursor += len(problems)
                 prompts = [p.prompt for p in problems]
-                ref = worker.actor.generate.remote(prompts, seed, self.learner_version, self.weights)
+                ref = worker.actor.generate.remote(
+                    prompts, seed, self.learner_version, self.weights, self.published_at
+                )
                 worker.in_flight[ref] = Job(problems, seed)
 
     def _room(self) -> bool:
@@ -287,13 +320,14 @@ class RayRuntime:
             return
         job = self.workers[index].in_flight.pop(ref)
         try:
-            groups, busy = ray.get(ref)
+            groups, busy, latencies = ray.get(ref)
         except ray.exceptions.RayError as e:  # the actor died, or its job raised: replace it, as a crash
             self.counts["lost_jobs"] += 1
             self._replace(index, e)
             return
         self.workers[index].ready = True
         self.meter.record(groups, busy)
+        self.latency.add(latencies)
         self.buffer.add_rewarded(job.problems, groups, self.score)
 
     def _replace(self, index: int, error: Exception) -> None:

@@ -27,7 +27,7 @@ class Cell:
 
     @property
     def name(self) -> str:
-        arm = self.objective.replace(":", "-").replace("@", "-")
+        arm = self.objective.replace(":", "-").replace("@", "-").replace("~", "-")
         return f"{arm}-k{self.lag}-lr{self.lr:g}-s{self.seed}"
 
 
@@ -39,7 +39,8 @@ def cells_of(cfg: StudyConfig) -> list[Cell]:
 
 
 def cell_config(cfg: StudyConfig, cell: Cell, folder: Path) -> TrainConfig:
-    entry, _, minibatches = cell.objective.partition("@mb")
+    arm, _, minibatches = cell.objective.partition("@mb")
+    entry, _, updates = arm.partition("~")
     name, *variants = entry.split(":")
     data = cfg.base.model_dump()
     data["objective"]["name"] = name
@@ -47,6 +48,10 @@ def cell_config(cfg: StudyConfig, cell: Cell, folder: Path) -> TrainConfig:
         for section, values in STUDY_VARIANTS[variant].items():
             data[section] |= values
     data["runtime"] = {"mode": "lag", "lag": cell.lag}
+    if updates:  # the async runtime, its staleness bounded by k; weights between jobs or in flight
+        data["runtime"] = {"mode": "async", "max_staleness": cell.lag}
+        when, _, kv = updates.partition("-")
+        data["rollout"] |= {"weight_updates": when} | ({"inflight_kv": kv} if kv else {})
     data["optim"]["lr"] = cell.lr
     data["optim"]["minibatches"] = int(minibatches or 1)
     data |= {"seed": cell.seed, "out": str(folder), "progress": False}

@@ -32,7 +32,17 @@ def _mean_of(steps: list[dict], key: str) -> float:
     return statistics.fmean(values) if values else NAN
 
 
+def accuracy_at(result: dict, steps: list[dict], seconds: float) -> float:
+    """Held-out accuracy of the last evaluation logged within `seconds` of the run's start (wall time, the
+    evaluations included: every arm runs the same ones)."""
+    timed = [(0.0, result["accuracy_before"])]
+    timed += [(m["elapsed"], m["test_accuracy"]) for m in steps if "test_accuracy" in m and "elapsed" in m]
+    timed.append((result["seconds"], result["accuracy_after"]))
+    return [acc for t, acc in sorted(timed) if t <= seconds][-1]
+
+
 def cell_summary(cfg: StudyConfig, cell: Cell, result: dict, steps: list[dict]) -> dict:
+    trained = [m for m in steps if "reward" in m and "elapsed" in m]
     return {
         "objective": cell.objective,
         "k": cell.lag,
@@ -47,7 +57,39 @@ def cell_summary(cfg: StudyConfig, cell: Cell, result: dict, steps: list[dict]) 
         "grad_norm_mean": _mean_of(steps, "grad_norm"),
         "scale_mean": _mean_of(steps, "asympo_scale_mean"),
         "pos_share_mean": _mean_of(steps, "asympo_pos_share"),
+        "train_seconds": result.get("seconds", trained[-1]["elapsed"] if trained else NAN),
+        "spanning_frac": _mean_of(steps, "spanning_frac"),
+        "staleness_mean": _mean_of(steps, "staleness_mean"),
     }
+
+
+def wall_time_table(cfg: StudyConfig, out: Path) -> str:
+    """For async studies: each arm's final accuracy at equal steps, and at equal wall time (the shortest
+    arm's mean training time, reading each cell's last evaluation by then)."""
+    rows = []
+    for k in cfg.lags:
+        by_arm = {}
+        for arm in cfg.arms:
+            cells = [c for c in cells_of(cfg) if (c.objective, c.lag) == (arm, k)]
+            loaded = [load_cell(out / "cells" / c.name) for c in cells]
+            summaries = [cell_summary(cfg, c, *x) for c, x in zip(cells, loaded, strict=True)]
+            by_arm[arm] = (loaded, summaries)
+        budget = min(_mean([s["train_seconds"] for s in summaries]) for _, summaries in by_arm.values())
+        for arm, (loaded, summaries) in by_arm.items():
+            rows.append(
+                f"| {arm} | {k} | {_mean([s['final_accuracy'] for s in summaries]):.3f} "
+                f"| {_mean([accuracy_at(r, st, budget) for r, st in loaded]):.3f} "
+                f"| {_mean([s['train_seconds'] for s in summaries]):.0f} "
+                f"| {_mean([s['staleness_mean'] for s in summaries]):.2f} "
+                f"| {_mean([s['spanning_frac'] for s in summaries]):.1%} | {len(summaries)} |"
+            )
+        rows.append(f"|  | {k} | equal wall time: {budget:.0f} s |  |  |  |  |  |")
+    head = [
+        "| arm | k | final accuracy (equal steps) | accuracy at equal wall time | train s | staleness "
+        "| spanning | seeds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    return "\n".join(head + rows)
 
 
 def _mean(values: list[float]) -> float:
@@ -169,7 +211,7 @@ def full_table(table: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def markdown_report(cfg: StudyConfig, table: list[dict], tuned: list[dict]) -> str:
+def markdown_report(cfg: StudyConfig, table: list[dict], tuned: list[dict], out: Path) -> str:
     task = cfg.base.task
     chosen = (
         f"Chosen lr: the best mean final accuracy on the {task.validation_size} validation problems (never "
@@ -190,6 +232,8 @@ def markdown_report(cfg: StudyConfig, table: list[dict], tuned: list[dict]) -> s
     else:
         parts += ["No validation set (base.task.validation_size=0): no lr is chosen."]
     parts += ["## Every cell (mean over seeds)", full_table(table), note]
+    if cfg.weight_updates:
+        parts += ["## Equal steps and equal wall time (async cells)", wall_time_table(cfg, out)]
     return "\n\n".join(parts) + "\n"
 
 
@@ -200,5 +244,5 @@ def write_report(cfg: StudyConfig, out: Path) -> tuple[list[dict], list[dict]]:
     write_csv(out / "cells.csv", cells)
     write_csv(out / "results.csv", table)
     write_csv(out / "tuned.csv", tuned)
-    (out / "results.md").write_text(markdown_report(cfg, table, tuned))
+    (out / "results.md").write_text(markdown_report(cfg, table, tuned, out))
     return table, tuned

@@ -26,7 +26,7 @@ def score(items):
     return [exact_match(text, answer) for text, answer in items]
 
 
-def make_runtime(max_staleness=1, max_restarts=3, **kw):
+def make_runtime(max_staleness=1, max_restarts=3, rollout=ROLLOUT, **kw):
     model, tokenizer = load_policy("tiny")
     learner = Learner(model, ObjectiveConfig(name="pg"), OptimConfig(lr=1e-3, warmup_steps=0))
     runtime = AsyncRuntime(
@@ -35,7 +35,7 @@ def make_runtime(max_staleness=1, max_restarts=3, **kw):
         0,
         train_stream(TaskConfig(), 0),
         score,
-        ROLLOUT,
+        rollout,
         seed=0,
         max_staleness=max_staleness,
         max_worker_restarts=max_restarts,
@@ -68,8 +68,10 @@ def test_async_staleness_is_bounded_and_new_weights_reach_the_worker():
     assert runtime.cursor >= 8 * ROLLOUT.prompts_per_step  # every problem handed out is counted
 
 
-def test_a_sigkilled_worker_is_restarted_and_batches_keep_coming():
-    learner, tokenizer, runtime = make_runtime()
+@pytest.mark.parametrize("updates", ["between_jobs", "inflight"])
+def test_a_sigkilled_worker_is_restarted_and_batches_keep_coming(updates):
+    rollout = ROLLOUT.model_copy(update={"weight_updates": updates})
+    learner, tokenizer, runtime = make_runtime(rollout=rollout)
     try:
         train_steps(learner, tokenizer, runtime, 2)
         os.kill(runtime.workers[0].process.pid, signal.SIGKILL)

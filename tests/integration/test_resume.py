@@ -78,10 +78,12 @@ def wait_for_steps(out, n: int, proc: subprocess.Popen, timeout: float = 300) ->
     raise AssertionError("the run made no progress")
 
 
-@pytest.mark.parametrize("mode", ["lag", "async"])
+@pytest.mark.parametrize("mode", ["lag", "async", "async-inflight"])
 def test_sigkill_at_a_random_point_then_resume_completes(tmp_path, mode):
     out, rng = tmp_path / "run", random.Random()
-    args = [f"out={out}", f"runtime.mode={mode}", "steps=60", "checkpoint_every=2"]
+    args = [f"out={out}", f"runtime.mode={mode.partition('-')[0]}", "steps=60", "checkpoint_every=2"]
+    if mode == "async-inflight":  # workers take new weights between decode steps
+        args += ["rollout.weight_updates=inflight"]
     proc = cli(*args)
     kill_at = rng.randint(1, 20)  # a random step, then a random instant within it
     wait_for_steps(out, kill_at, proc)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from asympo.metrics import MetricsLog, rollout_metrics
 from asympo.rollout.base import Sample
 
@@ -44,3 +46,26 @@ def test_rollout_metrics_staleness_histogram_and_truncation():
     stats = rollout_metrics([sample(3, 1.0, 2, "stop"), sample(1, 0.0, 8, "length")], learner_version=3)
     assert stats["staleness_hist"] == {"0": 1, "2": 1} and stats["staleness_mean"] == 1.0
     assert stats["reward"] == 0.5 and stats["truncated_frac"] == 0.5 and stats["response_len"] == 5.0
+
+
+def spanning(version: int, token_versions: list[int] | None, version_end: int | None) -> Sample:
+    n = len(token_versions) if token_versions else 3
+    return Sample(
+        "p", [1], [2] * n, "t", "stop", version, token_versions=token_versions, version_end=version_end
+    )
+
+
+def test_the_staleness_split_adds_up_and_spans_are_counted():
+    """In-flight updates: staleness from the oldest token = versions published while generating + while
+    queued; a response spans newest - oldest token versions."""
+    samples = [
+        spanning(3, [3, 3, 4, 5], 5),  # began at 3, took 4 and 5 in flight, finished at 5
+        spanning(5, None, 6),  # one version, but 6 was published while it was generated
+        spanning(6, None, None),  # lag/sync runtimes: nothing recorded beyond its version
+    ]
+    m = rollout_metrics(samples, learner_version=7)
+    assert m["staleness_mean"] == (4 + 2 + 1) / 3
+    assert (m["staleness_inflight_mean"], m["staleness_inflight_max"]) == ((2 + 1 + 0) / 3, 2)
+    assert (m["staleness_queue_mean"], m["staleness_queue_max"]) == ((2 + 1 + 1) / 3, 2)
+    assert m["staleness_mean"] == pytest.approx(m["staleness_inflight_mean"] + m["staleness_queue_mean"])
+    assert (m["version_span_mean"], m["version_span_max"], m["spanning_frac"]) == (2 / 3, 2, 1 / 3)

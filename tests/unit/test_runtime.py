@@ -9,8 +9,10 @@ from asympo.config import ObjectiveConfig, OptimConfig, RolloutConfig, TaskConfi
 from asympo.data.tasks import train_stream
 from asympo.learner import Learner
 from asympo.rewards.exact import exact_match
+from asympo.rollout.base import Sample
 from asympo.rollout.hf import HFEngine
 from asympo.runtime import LagRuntime, runtime_lag
+from asympo.runtime.buffer import StalenessBuffer
 
 
 def score_exact(items):
@@ -60,3 +62,16 @@ def test_lag_runtime_is_deterministic_for_a_seed(small_model, tokenizer):
     c, _, _ = run_lagged(copy.deepcopy(small_model), tokenizer, 2, steps=4, seed=2)
     assert a == b
     assert a != c
+
+
+def test_admission_counts_from_a_groups_oldest_token():
+    """A group whose samples span versions 1..3 is as stale as its version-1 tokens."""
+
+    def sample(version, token_versions=None):
+        return Sample("p", [1], [2, 3], "t", "stop", version, token_versions=token_versions)
+
+    buffer = StalenessBuffer(max_staleness=2)
+    buffer.add([sample(3), sample(1, [1, 3])])  # oldest token: version 1
+    buffer.add([sample(2), sample(2, [2, 3])])
+    assert buffer.evict_stale(learner_version=4) == 1  # 4 - 1 > 2: the first group goes, the second stays
+    assert len(buffer) == 1 and buffer.dropped == 1

@@ -7,6 +7,7 @@ import pytest
 
 from asympo.config import StudyConfig, build_config
 from asympo.errors import UserError
+from asympo.study.grid import cell_config, cells_of
 
 
 def test_lr_table_lookup():
@@ -46,3 +47,30 @@ def test_study_config_keeps_base_defaults_and_rejects_bad_grids():
     ]:
         with pytest.raises(UserError, match=message):
             build_config(StudyConfig, None, [bad])
+
+
+def test_weight_updates_axis_runs_async_cells_named_by_arm(tmp_path):
+    cfg = build_config(
+        StudyConfig,
+        None,
+        ["objectives=[asympo,grpo:learner]", "lags=[4]", "lrs=[0.0001]", "seeds=[0]",
+         "weight_updates=[between_jobs,inflight-keep,inflight-recompute]"],
+    )  # fmt: skip
+    # grpo:learner only between jobs: scoring each token under its own version's snapshot is not built
+    assert cfg.arms == [
+        "asympo~between_jobs", "asympo~inflight-keep", "asympo~inflight-recompute",
+        "grpo:learner~between_jobs",
+    ]  # fmt: skip
+    cells = {c.objective: c for c in cells_of(cfg)}
+    keep = cell_config(cfg, cells["asympo~inflight-keep"], tmp_path / "a")
+    assert (keep.runtime.mode, keep.runtime.max_staleness) == ("async", 4)
+    assert (keep.rollout.weight_updates, keep.rollout.inflight_kv) == ("inflight", "keep")
+    assert (
+        cell_config(cfg, cells["asympo~inflight-recompute"], tmp_path / "b").rollout.inflight_kv
+        == "recompute"
+    )
+    learner = cell_config(cfg, cells["grpo:learner~between_jobs"], tmp_path / "c")
+    assert learner.rollout.weight_updates == "between_jobs" and learner.behaviour.source == "learner"
+    assert cells["asympo~inflight-keep"].name == "asympo-inflight-keep-k4-lr0.0001-s0"
+    plain = build_config(StudyConfig, None, ["objectives=[asympo]", "lags=[2]"])
+    assert cell_config(plain, cells_of(plain)[0], tmp_path / "d").runtime.mode == "lag"  # no axis: lag
