@@ -149,32 +149,40 @@ def bench_backends(cfg: BenchConfig, out: Path, say) -> tuple[dict, list[Row]]:
     return r, rows
 
 
+# the inflight part's workloads: the default tiny run (the learner is the slow side) and the same run decoded
+# 4 sequences at a time (generation is the slow side, as with long reasoning rollouts)
+INFLIGHT_WORKLOADS = {"tiny": [], "tiny, decode batch 4": ["rollout.max_batch=4"]}
+
+
 def bench_inflight(cfg: BenchConfig, out: Path, say) -> tuple[dict, list[Row]]:
     """Between-jobs vs in-flight weight updates (keep and recompute), the same async workload each."""
-    say(
-        f"weight updates: {cfg.runtime_steps} steps of the async tiny workload, {cfg.runtime_repeats} repeats"
-    )
-    r = compare_runtimes(out / "inflight", cfg.runtime_steps, cfg.runtime_repeats, INFLIGHT_VARIANTS, say=say)
-    for name, x in r.items():
-        say(
-            f"  {name:12s} publish-to-use p50 {x['publish_latency_p50']:.3f} s, "
-            f"p99 {x['publish_latency_p99']:.3f} s; staleness in flight {x['staleness_inflight_mean']:.2f}, "
-            f"queued {x['staleness_queue_mean']:.2f}; spanning {x['spanning_frac']:.1%}; "
-            f"learner idle {1 - x['learner_busy']:.1%}"
-        )
-    base = r["between_jobs"]
-    measures = [
-        ("publish-to-use p50 s", "publish_latency_p50", 3, "-"),
-        ("train samples/s", "samples_per_s", 0, ">= 1.0x"),
-        ("rollout tok/s", "rollout_tokens_per_s", 0, "-"),
-    ]
-    rows = [
-        row(f"{label}: inflight {name} vs between_jobs", r[name][key], base[key], digits,
-            f"{r[name][key] / base[key]:.2f}x", target)
-        for name in ("keep", "recompute")
-        for label, key, digits, target in measures
-    ]  # fmt: skip
-    return r, rows
+    result, rows = {}, []
+    for workload, extra in INFLIGHT_WORKLOADS.items():
+        say(f"weight updates, {workload}: {cfg.runtime_steps} async steps, {cfg.runtime_repeats} repeats")
+        folder = out / "inflight" / workload.replace(", ", "-").replace(" ", "")
+        r = compare_runtimes(folder, cfg.runtime_steps, cfg.runtime_repeats, INFLIGHT_VARIANTS, extra, say)
+        for name, x in r.items():
+            say(
+                f"  {name:12s} publish-to-use p50 {x['publish_latency_p50']:.3f} s, "
+                f"p99 {x['publish_latency_p99']:.3f} s; staleness in flight "
+                f"{x['staleness_inflight_mean']:.2f}, queued {x['staleness_queue_mean']:.2f}; "
+                f"spanning {x['spanning_frac']:.1%}; "
+                f"learner idle {1 - x['learner_busy']:.1%}"
+            )
+        base = r["between_jobs"]
+        measures = [
+            ("publish-to-use p50 s", "publish_latency_p50", 3, "-"),
+            ("train samples/s", "samples_per_s", 0, ">= 1.0x"),
+            ("rollout tok/s", "rollout_tokens_per_s", 0, "-"),
+        ]
+        rows += [
+            row(f"{label}: inflight {name} vs between_jobs ({workload})", r[name][key], base[key], digits,
+                f"{r[name][key] / base[key]:.2f}x", target)
+            for name in ("keep", "recompute")
+            for label, key, digits, target in measures
+        ]  # fmt: skip
+        result[workload] = r
+    return result, rows
 
 
 def cfg_placement(cfg: BenchConfig, model) -> Placement:

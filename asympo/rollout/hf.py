@@ -6,6 +6,7 @@ import functools
 import inspect
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Collection
 
 import torch
@@ -118,7 +119,8 @@ class HFEngine:
         # In-flight weight updates: `keep` the keys/values live sequences computed under older weights, or
         # `recompute` them (re-prefill every live sequence under the new weights).
         self.inflight_kv = inflight_kv
-        self.first_tokens: list[tuple[int, float]] = []  # (version, wall time its first token was sampled)
+        # (version, wall time of its first token drawn) per generate call; the async workers drain it
+        self.first_tokens: deque[tuple[int, float]] = deque(maxlen=256)
         # transformers 5 renamed `past_key_values` to `cache`; accept both so older releases work too.
         params = inspect.signature(model.forward).parameters
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"

@@ -73,7 +73,7 @@ class StalenessBuffer:
         return samples
 
 
-def publish_latencies(first_tokens: list[tuple[int, float]], published: dict[int, float]) -> list[float]:
+def publish_latencies(first_tokens: deque[tuple[int, float]], published: dict[int, float]) -> list[float]:
     """Seconds from each version's publish (wall time, `published`) to the first token an engine drew with
     it (`first_tokens`, drained); a version is counted once, at its first use."""
     out = [t - published.pop(v) for v, t in first_tokens if published.get(v)]

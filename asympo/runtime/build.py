@@ -82,7 +82,8 @@ def check_weight_updates(cfg: TrainConfig) -> None:
     if cfg.rollout.engine == "vllm":
         raise UserError(
             "rollout.weight_updates=inflight is built for rollout.engine=hf: asympo drives vLLM through its "
-            "offline LLM API, which finishes every request of a call under one set of weights"
+            "offline LLM API, which finishes each call under one set of weights (vLLM's pause_generation is "
+            "on its AsyncLLM engine, which asympo does not drive yet)"
         )
     if cfg.runtime.mode != "async":
         raise UserError(

@@ -97,8 +97,10 @@ def worker_main(jobs, results, shared: SharedWeights, model: str, rollout: Rollo
     def refresh() -> bool:
         if shared.version.value == engine.version:
             return False
+        first = engine.version < 0
         version, published_at = shared.read_into(engine)
-        published[version] = published_at
+        if not first:  # the first load waits for the model to load: no publish-to-use latency
+            published[version] = published_at
         return True
 
     inflight = refresh if rollout.weight_updates == "inflight" else None

@@ -122,8 +122,10 @@ class RolloutActor:
             version, weights, published_at = self.newest
         if version == self.engine.version:
             return False
+        first = self.engine.version < 0
         self.engine.load_weights(ray.get(weights[0]), version)
-        self.published[version] = published_at
+        if not first:  # the first load waits for the model to load: no publish-to-use latency
+            self.published[version] = published_at
         return True
 
     def _note(self, version: int, weights: list, published_at: float) -> None:

@@ -60,7 +60,15 @@ def cell_summary(cfg: StudyConfig, cell: Cell, result: dict, steps: list[dict]) 
         "train_seconds": result.get("seconds", trained[-1]["elapsed"] if trained else NAN),
         "spanning_frac": _mean_of(steps, "spanning_frac"),
         "staleness_mean": _mean_of(steps, "staleness_mean"),
+        "staleness_inflight_mean": _mean_of(steps, "staleness_inflight_mean"),
+        "staleness_queue_mean": _mean_of(steps, "staleness_queue_mean"),
+        "publish_latency_p50": _median_of(steps, "publish_latency_p50"),
     }
+
+
+def _median_of(steps: list[dict], key: str) -> float:
+    values = [m[key] for m in steps if m.get(key) is not None and m[key] == m[key] and "reward" in m]
+    return statistics.median(values) if values else NAN
 
 
 def wall_time_table(cfg: StudyConfig, out: Path) -> str:
@@ -76,18 +84,22 @@ def wall_time_table(cfg: StudyConfig, out: Path) -> str:
             by_arm[arm] = (loaded, summaries)
         budget = min(_mean([s["train_seconds"] for s in summaries]) for _, summaries in by_arm.values())
         for arm, (loaded, summaries) in by_arm.items():
+            seconds = " / ".join(f"{s['train_seconds']:.0f}" for s in summaries)
             rows.append(
                 f"| {arm} | {k} | {_mean([s['final_accuracy'] for s in summaries]):.3f} "
                 f"| {_mean([accuracy_at(r, st, budget) for r, st in loaded]):.3f} "
-                f"| {_mean([s['train_seconds'] for s in summaries]):.0f} "
+                f"| {seconds} "
                 f"| {_mean([s['staleness_mean'] for s in summaries]):.2f} "
-                f"| {_mean([s['spanning_frac'] for s in summaries]):.1%} | {len(summaries)} |"
+                f"| {_mean([s['staleness_inflight_mean'] for s in summaries]):.3f} "
+                f"| {_mean([s['staleness_queue_mean'] for s in summaries]):.3f} "
+                f"| {_mean([s['spanning_frac'] for s in summaries]):.1%} "
+                f"| {_mean([s['publish_latency_p50'] for s in summaries]):.3f} | {len(summaries)} |"
             )
-        rows.append(f"|  | {k} | equal wall time: {budget:.0f} s |  |  |  |  |  |")
+        rows.append(f"|  | {k} | equal wall time: {budget:.0f} s |  |  |  |  |  |  |  |  |")
     head = [
-        "| arm | k | final accuracy (equal steps) | accuracy at equal wall time | train s | staleness "
-        "| spanning | seeds |",
-        "|---|---|---|---|---|---|---|---|",
+        "| arm | k | final accuracy (equal steps) | accuracy at equal wall time | seconds per seed "
+        "| staleness | in flight | queued | spanning | publish-to-use p50 s | seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     return "\n".join(head + rows)
 

@@ -60,3 +60,19 @@ def test_quick_backends_bench_compares_local_ray_and_a_served_model(tmp_path):
         "train samples/s: async ray vs local",
         "train samples/s: async openai vs local",
     ]
+
+
+def test_quick_inflight_bench_compares_the_weight_update_settings(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "asympo", "bench", "quick=true", "sections=[inflight]", f"out={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert set(result["inflight"]) == {"tiny", "tiny, decode batch 4"}
+    for workload in result["inflight"].values():
+        assert set(workload) == {"between_jobs", "keep", "recompute"}
+        assert all(r["samples_per_s"] > 0 and "publish_latency_p50" in r for r in workload.values())
+    assert len(result["table"]) == 12  # 3 measures x (keep, recompute) x 2 workloads
