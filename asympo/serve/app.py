@@ -199,7 +199,10 @@ class App:
             return 200, self._stream(job, request, usage, chat=False)
         self._wait(job)
         with self.tokenizers.borrow() as tokenizer:
-            choices = [self._completion_choice(tokenizer, job, request, i) for i in range(self._choices(job))]
+            choices = [
+                self._completion_choice(tokenizer, job, request, i)
+                for i in range(len(job.prompt_ids) * job.n)
+            ]
         usage = self._usage(usage["prompt_tokens"], job)
         return 200, self._envelope("cmpl", "text_completion", request.model, choices, usage, job.version)
 
@@ -369,10 +372,6 @@ class App:
             raise job.error
         if job.error is not None:
             raise ApiError(500, f"generation failed: {type(job.error).__name__}: {job.error}", "engine_error")
-
-    @staticmethod
-    def _choices(job: Job) -> int:
-        return job.sequences if job.generate else len(job.prompt_ids) * job.n
 
     @staticmethod
     def _usage(prompt: int, job: Job) -> dict[str, int]:
