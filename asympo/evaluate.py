@@ -15,6 +15,7 @@ import torch
 from asympo.config import SamplingConfig
 from asympo.data.answers import last_boxed
 from asympo.data.tasks import Problem
+from asympo.envs.episodes import Episodes, generate_groups
 from asympo.rewards.exact import exact_match
 from asympo.rollout.hf import HFEngine
 
@@ -41,6 +42,7 @@ class Tally:
     boxed: int = 0
     tokens: int = 0
     responses: int = 0
+    env: dict[str, float] = field(default_factory=dict)  # episodes: each info key summed over responses
 
 
 def tally(
@@ -52,30 +54,42 @@ def tally(
     score: Scorer = score_exact,
     chunk: int = 256,
     advance: Callable[[int], None] = lambda _: None,
+    episodes: Episodes | None = None,
 ) -> Tally:
+    """With `episodes`, each sample is an environment's episode and its reward the environment's."""
     out = Tally()
     generator = torch.Generator().manual_seed(seed)
     per_chunk = max(1, chunk // n)
     for i in range(0, len(problems), per_chunk):
         part = problems[i : i + per_chunk]
-        groups = engine.generate([p.prompt for p in part], n, sampling, generator)
-        rewards = iter(score([(s.text, p.answer) for p, g in zip(part, groups, strict=True) for s in g]))
+        groups = generate_groups(engine, part, n, sampling, generator, episodes=episodes)
+        if episodes is None:
+            rewards = iter(score([(s.text, p.answer) for p, g in zip(part, groups, strict=True) for s in g]))
+        else:
+            rewards = iter([s.reward for g in groups for s in g])
         for group in groups:
             values = [next(rewards) for _ in group]
             out.correct.append(sum(v >= 1.0 for v in values))
             out.reward_sum += sum(values)
             out.boxed += sum(last_boxed(s.text) is not None for s in group)
-            out.tokens += sum(len(s.response_ids) for s in group)
+            out.tokens += sum(s.model_tokens for s in group)
             out.responses += len(group)
+            for s in group:
+                for key, value in s.extra.get("env", {}).items():
+                    out.env[key] = out.env.get(key, 0.0) + value
         advance(len(part))
     return out
 
 
 def greedy_accuracy(
-    engine: HFEngine, problems: list[Problem], max_new_tokens: int, score: Scorer = score_exact
+    engine: HFEngine,
+    problems: list[Problem],
+    max_new_tokens: int,
+    score: Scorer = score_exact,
+    episodes: Episodes | None = None,
 ) -> float:
     sampling = SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens)
-    return sum(tally(engine, problems, 1, sampling, score=score).correct) / len(problems)
+    return sum(tally(engine, problems, 1, sampling, score=score, episodes=episodes).correct) / len(problems)
 
 
 def sampled_metrics(t: Tally, k: int) -> dict[str, float]:
@@ -85,7 +99,8 @@ def sampled_metrics(t: Tally, k: int) -> dict[str, float]:
         f"pass@{k}": sum(pass_at_k(k, c, k) for c in t.correct) / problems,
         f"avg@{k}": t.reward_sum / t.responses,
         "boxed_rate": t.boxed / t.responses,
-        "mean_length": t.tokens / t.responses,
+        "mean_length": t.tokens / t.responses,  # the model's tokens (episodes: all its turns)
+        **{f"env_{key}": value / t.responses for key, value in sorted(t.env.items())},
     }
 
 
@@ -96,13 +111,17 @@ def held_out_accuracy(
     sampling: SamplingConfig,
     seed: int = 0,
     score: Scorer = score_exact,
+    episodes: Episodes | None = None,
 ) -> dict[str, float]:
     """The headline metric is sampled pass@1 at the training temperature: it is what RL optimises, and it
     moves smoothly. Greedy accuracy of a tiny model jumps by many points between nearby weights, so it is
-    reported alongside, not instead."""
-    sampled = sampled_metrics(tally(engine, problems, samples, sampling, seed, score), samples)
+    reported alongside, not instead. With `episodes`, the environment's info means follow (`env_turns`,
+    `env_used_tool`, ...); accuracy is then episode success (a reward of at least 1)."""
+    tallied = tally(engine, problems, samples, sampling, seed, score, episodes=episodes)
+    sampled = sampled_metrics(tallied, samples)
     return {
         "accuracy": sampled["pass@1"],
         f"pass@{samples}": sampled[f"pass@{samples}"],
-        "greedy_accuracy": greedy_accuracy(engine, problems, sampling.max_new_tokens, score),
+        "greedy_accuracy": greedy_accuracy(engine, problems, sampling.max_new_tokens, score, episodes),
+        **{key: value for key, value in sampled.items() if key.startswith("env_")},
     }

@@ -32,7 +32,7 @@ def rollout_metrics(samples: list[Sample], learner_version: int) -> dict[str, fl
     """What the batch looked like: reward, accuracy, lengths, truncation and staleness."""
     n = len(samples)
     staleness = Counter(learner_version - s.version for s in samples)
-    lengths = [len(s.response_ids) for s in samples]
+    lengths = [s.model_tokens for s in samples]  # an episode's: its model turns
     return {
         "reward": sum(s.reward for s in samples) / n,
         "accuracy": sum(s.extra.get("task_reward", s.reward) >= 1.0 for s in samples) / n,  # before shaping
@@ -42,7 +42,19 @@ def rollout_metrics(samples: list[Sample], learner_version: int) -> dict[str, fl
         "staleness_mean": sum(k * v for k, v in staleness.items()) / n,
         "staleness_hist": {str(k): v for k, v in sorted(staleness.items())},
         **version_metrics(samples, learner_version),
+        **episode_metrics(samples),
     }
+
+
+def episode_metrics(samples: list[Sample]) -> dict[str, float]:
+    """Multi-turn episodes: each environment info key's mean per episode (`env_turns`, `env_tool_calls`...),
+    except lost episodes, counted (`env_errors`, `env_timeouts`); nothing for single-turn samples."""
+    infos = [s.extra["env"] for s in samples if "env" in s.extra]
+    if not infos:
+        return {}
+    keys = sorted({k for info in infos for k in info} | {"errors", "timeouts"})
+    total = {k: sum(info.get(k, 0.0) for info in infos) for k in keys}
+    return {f"env_{k}": (int(v) if k in ("errors", "timeouts") else v / len(infos)) for k, v in total.items()}
 
 
 def version_metrics(samples: list[Sample], learner_version: int) -> dict[str, float]:

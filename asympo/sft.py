@@ -13,25 +13,39 @@ from pathlib import Path
 
 import torch
 
-from asympo.config import SamplingConfig, SFTConfig
+from asympo.config import EnvConfig, SamplingConfig, SFTConfig
 from asympo.data.tasks import Problem, held_out_problems, train_stream
+from asympo.envs.calculator import calculate
+from asympo.envs.episodes import Episodes
 from asympo.errors import UserError
 from asympo.evaluate import held_out_accuracy
 from asympo.io import atomic_write_text, ensure_writable_dir
 from asympo.metrics import console, progress_bar
 from asympo.models.device import resolve
-from asympo.models.load import cache_dir, tiny_checkpoint
+from asympo.models.load import TINY_FOLDERS, cache_dir, tiny_checkpoint
 from asympo.models.tiny import build_model, build_tokenizer
 from asympo.models.weights import save_model_atomic
 from asympo.rollout.hf import HFEngine
 
 
-def sft_batch(problems: list[Problem], tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded `prompt answer <eos>` rows; labels are -100 except on the answer and EOS."""
+def sft_batch(
+    problems: list[Problem], tokenizer, tool_rows: list[bool] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded `prompt answer <eos>` rows; labels are -100 except on the answer and EOS. A tool row is
+    a calculator episode, `prompt <calc>expression</calc> value\n answer <eos>`, the value not trained on."""
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     rows, labels = [], []
-    for p in problems:
-        prompt = tokenizer(p.prompt, add_special_tokens=False)["input_ids"]
-        answer = tokenizer(p.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    for p, tool in zip(problems, tool_rows or [False] * len(problems), strict=True):
+        prompt = encode(p.prompt)
+        answer = encode(p.answer) + [tokenizer.eos_token_id]
+        if tool:
+            call, value = (
+                encode(f"<calc>{p.prompt.rstrip('=')}</calc>"),
+                encode(calculate(p.prompt[:-1]) + "\n"),
+            )
+            rows.append(prompt + call + value + answer)
+            labels.append([-100] * len(prompt) + call + [-100] * len(value) + answer)
+            continue
         rows.append(prompt + answer)
         labels.append([-100] * len(prompt) + answer)
     width = max(map(len, rows))
@@ -61,13 +75,15 @@ def run_sft(cfg: SFTConfig) -> dict:
     model.to(placement.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.01)
     stream = train_stream(cfg.task, seed=cfg.seed)
+    rows = random.Random(f"tools-{cfg.seed}")  # which rows are calculator episodes
     held_out = held_out_problems(cfg.task.model_copy(update={"test_size": cfg.eval_size}))
     max_new = cfg.task.digits + 3
     start, loss_value = time.perf_counter(), float("nan")
     with progress_bar(cfg.progress) as bar:
         task = bar.add_task("sft", total=cfg.steps, status="")
         for step in range(cfg.steps):
-            batch = sft_batch([next(stream) for _ in range(cfg.batch_size)], tokenizer)
+            tools = [rows.random() < cfg.tools for _ in range(cfg.batch_size)]
+            batch = sft_batch([next(stream) for _ in range(cfg.batch_size)], tokenizer, tools)
             input_ids, attention, labels = (t.to(placement.device) for t in batch)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg)
@@ -80,11 +96,17 @@ def run_sft(cfg: SFTConfig) -> dict:
             loss_value = 0.9 * loss_value + 0.1 * loss.item() if step else loss.item()
             bar.update(task, advance=1, status=f"loss {loss_value:.3f}")
     model.eval()
+    episodes = None
+    if cfg.tools:  # a turn must fit the tool call: `<calc>`, the expression, `</calc>`
+        max_new = len(held_out[0].prompt) + 13
+        episodes = Episodes(EnvConfig(name="calculator", max_tokens=cfg.model.max_positions), tokenizer)
     sampling = SamplingConfig(temperature=1.0, max_new_tokens=max_new)
-    accuracy = held_out_accuracy(HFEngine(model, tokenizer), held_out, 8, sampling, cfg.seed)
+    engine = HFEngine(model, tokenizer)
+    accuracy = held_out_accuracy(engine, held_out, 8, sampling, cfg.seed, episodes=episodes)
     summary = {
         "held_out_accuracy": accuracy["accuracy"],
         "held_out_greedy_accuracy": accuracy["greedy_accuracy"],
+        **({"held_out_tool_use": accuracy["env_used_tool"]} if cfg.tools else {}),
         "final_loss": loss_value,
         "seconds": round(time.perf_counter() - start, 1),
         "config": cfg.model_dump(),
@@ -99,10 +121,18 @@ def run_sft(cfg: SFTConfig) -> dict:
     return summary
 
 
+# How each warm-started tiny model is made (`asympo sft` with these settings)
+TINY_RECIPES = {
+    "tiny": {},
+    "tiny-calc": {"tools": 0.25, "task": {"operands": 3, "ops": "+-"}},
+}
+
+
 def ensure_tiny(model: str) -> None:
-    """`model=tiny` needs the warm-started tiny model: shipped with the package, else made here once (a few
-    minutes) into the cache, where every later run and worker finds it."""
-    if model != "tiny" or tiny_checkpoint() is not None:
+    """`model=tiny` (or `tiny-calc`) needs its warm-started model: shipped with the package, else made here
+    once (a minute or two) into the cache, where every later run and worker finds it."""
+    if model not in TINY_RECIPES or tiny_checkpoint(model) is not None:
         return
-    console.print("No warm-started tiny model yet: running `asympo sft` first (a few minutes, once).")
-    run_sft(SFTConfig(out=str(cache_dir() / "tiny-sft")))
+    console.print(f"No warm-started {model} model yet: running `asympo sft` first (a few minutes, once).")
+    out = str(cache_dir() / TINY_FOLDERS[model])
+    run_sft(SFTConfig.model_validate(TINY_RECIPES[model] | {"out": out}))

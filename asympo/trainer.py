@@ -17,6 +17,7 @@ from asympo.data.source import Task
 from asympo.distributed import group
 from asympo.distributed.learner import ShardedLearner
 from asympo.distributed.run import agreed_placement, check_supported, follow
+from asympo.envs.episodes import Episodes
 from asympo.errors import UserError
 from asympo.evaluate import held_out_accuracy
 from asympo.faults import Interrupted, RunAborted, SkipGuard, StopSignal, StopWaiting
@@ -97,6 +98,7 @@ class Trainer:
         if self.task.skipped:
             self.say(f"skipped {self.task.skipped} bad rows of {cfg.task.name}")
         self.rewards = RewardGuard(cfg.reward, cfg.faults.reward_timeout)
+        self.episodes = Episodes(cfg.env, self.tokenizer) if cfg.env.name else None  # held-out episodes
         problems = self.task.train(cfg.seed, start=self.state.cursor)
         self.runtime = build_runtime(
             cfg,
@@ -175,7 +177,9 @@ class Trainer:
             engine.load_weights(self.learner.weights(), self.learner.version)
         problems = self.held_out if problems is None else problems
         score = self.rewards.score
-        return held_out_accuracy(engine, problems, cfg.eval_samples, cfg.rollout, cfg.seed, score)
+        return held_out_accuracy(
+            engine, problems, cfg.eval_samples, cfg.rollout, cfg.seed, score, episodes=self.episodes
+        )
 
     def checkpoint(self, step: int) -> Path:
         learner, state = self.learner, self.state
@@ -276,6 +280,13 @@ class Trainer:
             "greedy_accuracy_before": before["greedy_accuracy"],
             "greedy_accuracy_after": after["greedy_accuracy"],
             **({"validation_accuracy_after": validation["accuracy"]} if validation else {}),
+            **{
+                f"{k}_{when}": m[k]
+                for k in after
+                if k.startswith("env_")
+                for when, m in (("before", before), ("after", after))
+                if k in m
+            },
             "steps": self.cfg.steps,
             "version": self.learner.version,
             "skipped_steps": self.learner.skipped_steps,
@@ -321,6 +332,11 @@ def behaviour_recompute(
     return BehaviourRecompute(scratch, store, pad_id, temperature, learner.placement)
 
 
+def is_env_after(key: str, result: dict) -> bool:
+    """An environment's held-out info mean, measured before and after (`env_used_tool_after`)."""
+    return key.startswith("env_") and key.endswith("_after") and key[:-6] + "_before" in result
+
+
 def summary(cfg: TrainConfig, result: dict, out: Path):
     def change(key: str) -> str:
         before, after = result[f"{key}_before"], result[f"{key}_after"]
@@ -331,6 +347,14 @@ def summary(cfg: TrainConfig, result: dict, out: Path):
         [
             ("held-out accuracy (sampled pass@1)", change("accuracy")),
             ("held-out greedy accuracy", change("greedy_accuracy")),
+            *[
+                (
+                    f"held-out {key[4:-6]} per episode",
+                    f"{result[key[:-6] + '_before']:.2f} -> {result[key]:.2f}",
+                )
+                for key in result
+                if is_env_after(key, result)
+            ],
             ("optimiser steps", str(result["version"])),
             ("skipped (non-finite) steps", str(result["skipped_steps"])),
             ("reward errors / timeouts", f"{result['reward_errors']} / {result['reward_timeouts']}"),

@@ -17,6 +17,7 @@ from asympo.config.commands import (
     StudyConfig,
 )
 from asympo.config.data import FewShot, PromptConfig, TaskConfig
+from asympo.config.env import EnvConfig
 from asympo.config.loading import (
     apply_override,
     build_config,
@@ -39,9 +40,10 @@ from asympo.config.train import (
 
 __all__ = [
     "OBJECTIVE_NAMES", "STUDY_BASE", "STUDY_VARIANTS", "Aggregation", "BehaviourConfig", "BenchConfig",
-    "BenchSection", "EvalConfig", "FaultsConfig", "FewShot", "LearnerConfig", "LoraConfig", "ObjectiveConfig",
-    "ObjectiveName", "OpenAIEngineConfig", "OptimConfig", "Placed", "Precision", "PromptConfig",
-    "RolloutConfig", "RuntimeConfig", "SFTConfig", "SamplingConfig", "ServeConfig", "Strict", "StudyConfig",
-    "TaskConfig", "TinyModelConfig", "TrainConfig", "VLLMEngineConfig", "apply_override", "build_config",
-    "check_device_name", "format_validation_error", "load_yaml", "preset_names",
+    "BenchSection", "EnvConfig", "EvalConfig", "FaultsConfig", "FewShot", "LearnerConfig", "LoraConfig",
+    "ObjectiveConfig", "ObjectiveName", "OpenAIEngineConfig", "OptimConfig", "Placed", "Precision",
+    "PromptConfig", "RolloutConfig", "RuntimeConfig", "SFTConfig", "SamplingConfig", "ServeConfig",
+    "Strict", "StudyConfig", "TaskConfig", "TinyModelConfig", "TrainConfig", "VLLMEngineConfig",
+    "apply_override", "build_config", "check_device_name", "format_validation_error", "load_yaml",
+    "preset_names",
 ]  # fmt: skip

@@ -32,6 +32,10 @@ class SFTConfig(Placed):
     """Seeds the initial weights and the problem stream."""
     eval_size: int = Field(200, ge=1)
     """Held-out problems scored at the end (greedy and sampled accuracy)."""
+    tools: float = Field(0.0, ge=0, le=1)
+    """Share of rows written as calculator episodes (`<calc>12+34</calc>`, the tool's `46` and a newline,
+    then `46`; the tool's text is not trained on); > 0 also scores the held-out set as calculator episodes.
+    The `tiny-calc` model is this at 0.25 on three operands of + and -."""
     out: str = "runs/tiny-sft"
     """Output folder: the model and sft.json."""
     progress: bool = True

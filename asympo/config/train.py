@@ -8,6 +8,7 @@ from pydantic import Field, field_validator, model_validator
 
 from asympo.config.base import Placed, Strict, check_device_name
 from asympo.config.data import PromptConfig, TaskConfig
+from asympo.config.env import EnvConfig
 from asympo.config.objective import ObjectiveConfig
 from asympo.config.rollout import RolloutConfig
 
@@ -136,6 +137,8 @@ class TrainConfig(Placed):
     """Where problems come from: built-in arithmetic or a dataset."""
     prompt: PromptConfig = PromptConfig()
     """How a question becomes the prompt the model sees."""
+    env: EnvConfig = EnvConfig()
+    """Multi-turn episodes: the environment that answers the model's turns; unset, single-turn."""
     rollout: RolloutConfig = RolloutConfig()
     """Sampling, batch shape and the rollout engine."""
     objective: ObjectiveConfig = ObjectiveConfig()

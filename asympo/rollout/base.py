@@ -28,6 +28,13 @@ class Sample:
     # With in-flight weight updates (rollout.weight_updates=inflight) a response may span versions:
     token_versions: list[int] | None = None  # the version that produced each response token; None: `version`
     version_end: int | None = None  # the newest published version when it finished; None: `version`
+    # A multi-turn episode (asympo.envs): the response holds the model's turns and the environment's replies;
+    # True where the model produced the token (the loss covers those only). None: all the model's, one turn.
+    model_mask: list[bool] | None = None
+
+    @property
+    def model_tokens(self) -> int:
+        return len(self.response_ids) if self.model_mask is None else sum(self.model_mask)
 
     @property
     def newest_version(self) -> int:
@@ -36,6 +43,17 @@ class Sample:
     @property
     def finished_version(self) -> int:
         return self.version if self.version_end is None else max(self.version_end, self.version)
+
+
+@dataclass
+class Continuation:
+    """What an engine appended to one token sequence: the ids exactly as drawn (token-in/token-out)."""
+
+    ids: list[int]
+    logprobs: list[float]
+    finish_reason: Literal["stop", "length"]
+    versions: list[int]  # the version that drew each token
+    version_end: int  # the newest version loaded when it finished
 
 
 class RolloutEngine(Protocol):

@@ -13,7 +13,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from asympo.config import SamplingConfig
-from asympo.rollout.base import Sample
+from asympo.rollout.base import Continuation, Sample
 from asympo.rollout.batching import PrefillStash, Prompt, SlotCache
 from asympo.rollout.packed import PackedLinears
 
@@ -154,31 +154,42 @@ class HFEngine:
         response may span versions: each sample records the version of every token."""
         prompt_ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         flat = [ids for ids in prompt_ids for _ in range(n)]
-        with torch.inference_mode(), self.packed.active():
-            responses, logprobs, reasons, versions, ends = self._generate_ids(
-                flat, sampling, generator, None, refresh
-            )
+        outs = self.continue_ids(flat, sampling, generator, refresh=refresh)
         groups = []
         for g, prompt in enumerate(prompts):
             group = []
             for j in range(g * n, (g + 1) * n):
-                oldest = min(versions[j], default=self.version)
+                out = outs[j]
+                oldest = min(out.versions, default=self.version)
                 group.append(
                     Sample(
                         prompt=prompt,
                         prompt_ids=flat[j],
-                        response_ids=responses[j],
-                        text=self.tokenizer.decode(responses[j], skip_special_tokens=True),
-                        finish_reason=reasons[j],
+                        response_ids=out.ids,
+                        text=self.tokenizer.decode(out.ids, skip_special_tokens=True),
+                        finish_reason=out.finish_reason,
                         version=oldest,
-                        behaviour_logprobs=logprobs[j] if self.return_logprobs else None,
+                        behaviour_logprobs=out.logprobs if self.return_logprobs else None,
                         group=g,
-                        token_versions=versions[j] if any(v != oldest for v in versions[j]) else None,
-                        version_end=ends[j],
+                        token_versions=out.versions if any(v != oldest for v in out.versions) else None,
+                        version_end=out.version_end,
                     )
                 )
             groups.append(group)
         return groups
+
+    def continue_ids(
+        self,
+        prompts: list[list[int]],
+        sampling: SamplingConfig,
+        generator: torch.Generator | None = None,
+        watch: StepWatch | None = None,
+        refresh: Refresh | None = None,
+    ) -> list[Continuation]:
+        """One continuation per token sequence, with each token's version (what multi-turn episodes call)."""
+        with torch.inference_mode(), self.packed.active():
+            got = self._generate_ids(prompts, sampling, generator, watch, refresh)
+        return [Continuation(*fields) for fields in zip(*got, strict=True)]
 
     def generate_ids(
         self,

@@ -14,6 +14,18 @@ from asympo.rollout.base import Sample
 Scorer = Callable[[list[tuple[str, str]]], list[float]]  # (text, answer) pairs -> rewards, in order
 
 
+def reward_groups(problems: list[Problem], groups: list[list[Sample]], score: Scorer) -> None:
+    """Score single-turn responses in one call (the reward guard batches it); an environment's episodes
+    come rewarded by their environment."""
+    pairs = [(p, s) for p, group in zip(problems, groups, strict=True) for s in group]
+    for p, s in pairs:
+        s.answer = p.answer
+    unscored = [s for _, s in pairs if s.model_mask is None]
+    if unscored:
+        for s, reward in zip(unscored, score([(s.text, s.answer) for s in unscored]), strict=True):
+            s.reward = reward
+
+
 def job_seed(seed: int, cursor: int) -> int:
     """The sampling seed of a job: the data cursor survives a resume, so no noise is ever drawn twice."""
     return seed * 1_000_003 + cursor
@@ -48,11 +60,8 @@ class StalenessBuffer:
 
     def add_rewarded(self, problems: list[Problem], groups: list[list[Sample]], score: Scorer) -> None:
         """Score a job's groups in one call (the reward guard batches it) and queue them."""
-        items = [(s.text, p.answer) for p, group in zip(problems, groups, strict=True) for s in group]
-        rewards = iter(score(items))
-        for problem, group in zip(problems, groups, strict=True):
-            for s in group:
-                s.answer, s.reward = problem.answer, next(rewards)
+        reward_groups(problems, groups, score)
+        for group in groups:
             self.add(group)
 
     def evict_stale(self, learner_version: int) -> int:
@@ -108,7 +117,7 @@ class BusyMeter:
 
     def record(self, groups: list[list[Sample]], seconds: float) -> None:
         self.busy_time += seconds
-        self.tokens += sum(len(s.response_ids) for group in groups for s in group)
+        self.tokens += sum(s.model_tokens for group in groups for s in group)
 
     def stats(self, entered: float, workers: int = 1) -> dict[str, float]:
         """Called as a batch is handed over; `entered` is when the learner started waiting for it."""

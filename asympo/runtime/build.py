@@ -9,6 +9,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from asympo.config import TrainConfig
 from asympo.data.tasks import Problem
+from asympo.envs.episodes import Episodes
+from asympo.envs.load import load_env
 from asympo.errors import UserError
 from asympo.models.device import CPU_FP32, Placement, engine_copy
 from asympo.models.lora import adapter_weights
@@ -43,6 +45,7 @@ def build_runtime(
     get their own copy of the policy on the learner's device, in the placement's dtype."""
     engine_logprobs = cfg.behaviour.compare or cfg.behaviour.source == "engine"
     check_weight_updates(cfg)
+    check_env(cfg)
     if cfg.runtime.backend == "ray":
         runtime = build_ray(cfg, model, version, problems, score, engine_logprobs, placement)
         runtime.cursor = cursor
@@ -54,7 +57,7 @@ def build_runtime(
     if cfg.runtime.mode == "async":
         learner_threads(cfg)
         args = worker_pool_args(cfg, model, version, problems, score, engine_logprobs, placement)
-        runtime = AsyncRuntime(*args)
+        runtime = AsyncRuntime(*args, env=cfg.env)
     else:
         engine = HFEngine(
             engine_copy(model, placement),
@@ -64,9 +67,22 @@ def build_runtime(
             max_batch=cfg.rollout.max_batch,
         )
         lag = runtime_lag(cfg.runtime.mode, cfg.runtime.lag)
-        runtime = LagRuntime(engine, problems, score, cfg.rollout, lag, cfg.seed)
+        episodes = Episodes(cfg.env, tokenizer) if cfg.env.name else None
+        runtime = LagRuntime(engine, problems, score, cfg.rollout, lag, cfg.seed, episodes)
     runtime.cursor = cursor
     return runtime
+
+
+def check_env(cfg: TrainConfig) -> None:
+    """Multi-turn episodes where they are built: engines that continue token ids (asympo's)."""
+    if not cfg.env.name:
+        return
+    load_env(cfg.env.name, cfg.env.args)  # a bad name or arguments: one line, before anything starts
+    if cfg.rollout.engine != "hf":
+        raise UserError(
+            f"env.name={cfg.env.name!r} with rollout.engine={cfg.rollout.engine}: multi-turn episodes run on "
+            "asympo's engine (rollout.engine=hf) for now"
+        )
 
 
 def check_weight_updates(cfg: TrainConfig) -> None:
@@ -124,7 +140,7 @@ def build_ray(
     if cfg.lora.rank > 0:  # the actors load the base themselves and take the adapters alone
         args = (args[0], adapter_weights(model), *args[2:])
     address, cpus = cfg.runtime.ray_address, cfg.runtime.ray_num_cpus
-    return RayRuntime(*args, address=address, num_cpus=cpus, lora=cfg.lora)
+    return RayRuntime(*args, address=address, num_cpus=cpus, lora=cfg.lora, env=cfg.env)
 
 
 def worker_pool_args(

@@ -14,9 +14,10 @@ import torch
 
 from asympo.config import RolloutConfig
 from asympo.data.tasks import Problem
+from asympo.envs.episodes import Episodes, generate_groups
 from asympo.rollout.base import RolloutEngine, Sample
 from asympo.rollout.hf import HFEngine
-from asympo.runtime.buffer import Scorer
+from asympo.runtime.buffer import Scorer, reward_groups
 
 
 class LagRuntime:
@@ -34,8 +35,9 @@ class LagRuntime:
         rollout: RolloutConfig,
         lag: int,
         seed: int,
+        episodes: Episodes | None = None,
     ):
-        self.engine, self.problems, self.score = engine, problems, score
+        self.engine, self.problems, self.score, self.episodes = engine, problems, score, episodes
         self.rollout, self.lag, self.seed = rollout, lag, seed
         self.history: deque[tuple[int, dict[str, torch.Tensor]]] = deque(maxlen=lag + 1)
         self.cursor = 0  # problems consumed so far: the data cursor
@@ -60,18 +62,17 @@ class LagRuntime:
         self.cursor += len(problems)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step + (attempt << 40))
         start = time.perf_counter()
-        groups = self.engine.generate(
-            [p.prompt for p in problems], self.rollout.group_size, self.rollout, generator
+        groups = generate_groups(
+            self.engine, problems, self.rollout.group_size, self.rollout, generator, episodes=self.episodes
         )
         elapsed = time.perf_counter() - start
+        reward_groups(problems, groups, self.score)
         samples = []
-        for gid, (problem, group) in enumerate(zip(problems, groups, strict=True)):
+        for gid, group in enumerate(groups):
             for s in group:
-                s.answer, s.group = problem.answer, gid
+                s.group = gid
                 samples.append(s)
-        for s, reward in zip(samples, self.score([(s.text, s.answer) for s in samples]), strict=True):
-            s.reward = reward
-        tokens = sum(len(s.response_ids) for s in samples)
+        tokens = sum(s.model_tokens for s in samples)
         return samples, {"rollout_time": elapsed, "rollout_tokens_per_s": tokens / max(elapsed, 1e-9)}
 
     @property

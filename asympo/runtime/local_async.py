@@ -16,8 +16,9 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.multiprocessing as mp
 
-from asympo.config import RolloutConfig
+from asympo.config import EnvConfig, RolloutConfig
 from asympo.data.tasks import Problem
+from asympo.envs.episodes import Episodes, generate_groups
 from asympo.faults import RunAborted, StopWaiting
 from asympo.heap import keep_freed_memory
 from asympo.lifetime import exit_with_parent
@@ -92,6 +93,7 @@ def worker_main(jobs, results, shared: SharedWeights, model: str, rollout: Rollo
         max_batch=rollout.max_batch,
         inflight_kv=rollout.inflight_kv,
     )
+    episodes = Episodes(opts["env"], tokenizer) if opts["env"].name else None
     published: dict[int, float] = {}  # versions loaded and not yet used: their publish times
 
     def refresh() -> bool:
@@ -109,8 +111,9 @@ def worker_main(jobs, results, shared: SharedWeights, model: str, rollout: Rollo
             refresh()
             start = time.perf_counter()
             generator = torch.Generator().manual_seed(job.seed)
-            prompts = [p.prompt for p in job.problems]
-            groups = engine.generate(prompts, rollout.group_size, rollout, generator, inflight)
+            groups = generate_groups(
+                engine, job.problems, rollout.group_size, rollout, generator, inflight, episodes
+            )
             if inflight is None:  # versions published while this job generated, unused by it
                 for sample in (s for group in groups for s in group):
                     sample.version_end = shared.version.value
@@ -191,6 +194,7 @@ class AsyncRuntime:
         return_logprobs: bool = True,
         devices: list[str] | None = None,
         precision: str = "fp32",  # the setting (auto, fp32, bf16): each worker resolves it for its device
+        env: EnvConfig | None = None,
     ):
         self.model, self.rollout, self.problems, self.score, self.seed = model, rollout, problems, score, seed
         self.max_staleness, self.depth, self.max_restarts = (
@@ -205,6 +209,7 @@ class AsyncRuntime:
                 "return_logprobs": return_logprobs,
                 "device": d,
                 "precision": precision,
+                "env": env or EnvConfig(),
             }
             for d in devices
         ]

@@ -25,8 +25,9 @@ from pathlib import Path
 
 import torch
 
-from asympo.config import RolloutConfig
+from asympo.config import EnvConfig, RolloutConfig
 from asympo.data.tasks import Problem
+from asympo.envs.episodes import Episodes, generate_groups
 from asympo.errors import UserError
 from asympo.faults import RunAborted, StopWaiting
 from asympo.lifetime import children, reap_when_gone
@@ -67,6 +68,7 @@ class RolloutActor:
         device: str,
         precision: str,
         lora=None,
+        env: EnvConfig | None = None,
     ):
         torch.set_num_threads(threads)
         policy, tokenizer = load_policy(model)
@@ -85,6 +87,7 @@ class RolloutActor:
             inflight_kv=rollout.inflight_kv,
         )
         self.rollout = rollout
+        self.episodes = Episodes(env, tokenizer) if env is not None and env.name else None
         self.lock = threading.Lock()
         # (version, [ObjectRef], publish wall time): the ref boxed in a list, so Ray does not fetch it
         self.newest: tuple[int, list, float] = (-1, [], 0.0)
@@ -99,7 +102,7 @@ class RolloutActor:
         self._note(version, weights, published_at)
 
     def generate(
-        self, prompts: list[str], seed: int, version: int, weights: list, published_at: float
+        self, problems: list[Problem], seed: int, version: int, weights: list, published_at: float
     ) -> tuple[list[list[Sample]], float, list[float]]:
         """The groups for `prompts` from the newest version this actor knows of (with in-flight updates, also
         those offered while it generates), the seconds it took, and the publish-to-use latencies."""
@@ -108,7 +111,8 @@ class RolloutActor:
         start = time.perf_counter()
         generator = torch.Generator().manual_seed(seed)
         inflight = self._refresh if self.rollout.weight_updates == "inflight" else None
-        groups = self.engine.generate(prompts, self.rollout.group_size, self.rollout, generator, inflight)
+        n = self.rollout.group_size
+        groups = generate_groups(self.engine, problems, n, self.rollout, generator, inflight, self.episodes)
         if inflight is None:  # versions offered while this job generated, unused by it
             for sample in (s for group in groups for s in group):
                 sample.version_end = self.newest[0]
@@ -214,8 +218,10 @@ class RayRuntime:
         address: str | None = None,
         num_cpus: int | None = None,
         lora=None,
+        env: EnvConfig | None = None,
     ):
         self.model, self.rollout, self.problems, self.score, self.seed = model, rollout, problems, score, seed
+        self.env = env
         self.depth, self.max_restarts, self.threads = jobs_per_worker, max_worker_restarts, worker_threads
         self.return_logprobs = return_logprobs
         self.devices, self.precision = devices or ["cpu"] * workers, precision
@@ -268,7 +274,14 @@ class RayRuntime:
         device = self.devices[index]
         gpus = 1 if device.startswith("cuda") else 0  # Ray picks the GPU; the actor sees it as cuda:0
         actor = RolloutActor.options(num_cpus=self.threads, num_gpus=gpus, max_restarts=0, name=name).remote(
-            self.model, self.rollout, self.threads, self.return_logprobs, device, self.precision, self.lora
+            self.model,
+            self.rollout,
+            self.threads,
+            self.return_logprobs,
+            device,
+            self.precision,
+            self.lora,
+            self.env,
         )
         return ActorSlot(actor)
 
@@ -306,9 +319,8 @@ class RayRuntime:
                 problems = [next(self.problems) for _ in range(self.job_prompts)]
                 seed = job_seed(self.seed, self.cursor)  # the same seeds as the local runtime
                 self.cursor += len(problems)
-                prompts = [p.prompt for p in problems]
                 ref = worker.actor.generate.remote(
-                    prompts, seed, self.learner_version, self.weights, self.published_at
+                    problems, seed, self.learner_version, self.weights, self.published_at
                 )
                 worker.in_flight[ref] = Job(problems, seed)
 

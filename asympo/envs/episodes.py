@@ -1,0 +1,248 @@
+"""Run episodes on an engine, turn by turn, keeping the model's token ids exactly as drawn.
+
+All live episodes of a batch take their next model turn in one engine call (continuous batching within the
+turn); each turn is then stepped by its own environment. The model's tokens are kept as the engine drew them
+and never re-tokenized; an environment's reply is tokenized alone (text) or rendered as the chat template's
+increment after the model's turn (messages), and appended. The sample's `model_mask` marks the model's tokens:
+the loss covers those only. Episodes of a group share the problem and the environment's seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from asympo.config import EnvConfig, SamplingConfig
+from asympo.data.tasks import Problem
+from asympo.envs.base import Observation, as_step, check_observation
+from asympo.envs.calls import EnvCalls
+from asympo.envs.load import load_env
+from asympo.errors import UserError
+from asympo.rollout.base import Continuation, Sample
+
+# A short conversation whose rendering ends right after an assistant turn: what a new message's rendering
+# is measured against (the chat template's increment).
+BASE_TURNS = [{"role": "user", "content": "?"}, {"role": "assistant", "content": "!"}]
+
+
+def group_seed(problem: Problem) -> int:
+    """The environment's seed for every episode of a problem's group: a property of the problem."""
+    return int.from_bytes(hashlib.blake2b(problem.prompt.encode(), digest_size=4).digest(), "little")
+
+
+@dataclass
+class Episode:
+    problem: Problem
+    group: int
+    env: Any
+    prompt: str = ""
+    prompt_ids: list[int] = field(default_factory=list)
+    response: list[int] = field(default_factory=list)
+    mask: list[bool] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+    version: int = 0
+    version_end: int = 0
+    reward: float = 0.0
+    turns: int = 0
+    done: bool = False
+    finish_reason: str = "stop"
+    info: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.response)
+
+    def fail(self, kind: str) -> None:
+        """An environment call raised or hung: the episode ends with reward 0, counted."""
+        self.done, self.reward = True, 0.0
+        self.info[f"{kind}s"] = 1.0
+
+
+class TurnWatch:
+    """Ends a sequence at one of the environment's stop strings or at its token budget (StepWatch)."""
+
+    def __init__(self, tokenizer, stops: Sequence[str], budgets: list[int]):
+        self.tokenizer, self.stops, self.budgets = tokenizer, list(stops), budgets
+        self.counts = [0] * len(budgets)
+        self.tails: list[list[int]] = [[] for _ in budgets]
+        self.window = 4 * max((len(s) for s in stops), default=0) + 2  # tokens enough to spell any stop
+        self.cut: set[int] = set()  # ended by the budget
+
+    def __call__(self, seqs: list[int], tokens: torch.Tensor, logits: torch.Tensor) -> list[int]:
+        ended = []
+        for seq, token in zip(seqs, tokens.tolist(), strict=True):
+            self.counts[seq] += 1
+            if self.counts[seq] >= self.budgets[seq]:
+                self.cut.add(seq)
+                ended.append(seq)
+            elif self.stops:
+                tail = self.tails[seq]
+                tail.append(token)
+                del tail[: -self.window]
+                text = self.tokenizer.decode(tail, skip_special_tokens=False)
+                if any(stop in text for stop in self.stops):
+                    ended.append(seq)
+        return ended
+
+
+class Episodes:
+    """Runs an environment's episodes on any engine with `continue_ids` (asympo's engine in every runtime)."""
+
+    def __init__(self, cfg: EnvConfig, tokenizer):
+        if cfg.name is None:
+            raise UserError("env.name is not set")
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.make = load_env(cfg.name, cfg.args)
+        self.stops = list(getattr(self.make(), "stop", ()))
+        self.calls = EnvCalls(cfg.step_timeout)
+        self.eos = tokenizer.eos_token_id
+        self._chat_tail: str | None = None
+
+    def run(
+        self,
+        engine,
+        problems: list[Problem],
+        n: int,
+        sampling: SamplingConfig,
+        generator: torch.Generator | None = None,
+        refresh=None,
+    ) -> list[list[Sample]]:
+        """`n` episodes per problem, one group each, with the environment's rewards."""
+        self.engine_logprobs = getattr(engine, "return_logprobs", True)
+        episodes = [self._start(p, g, engine.version) for g, p in enumerate(problems) for _ in range(n)]
+        while live := [e for e in episodes if not e.done]:
+            budgets = [min(sampling.max_new_tokens, self.cfg.max_tokens - e.length) for e in live]
+            watch = TurnWatch(self.tokenizer, self.stops, budgets)
+            sequences = [e.prompt_ids + e.response for e in live]
+            kwargs = {"refresh": refresh} if refresh is not None else {}
+            outs = engine.continue_ids(sequences, sampling, generator, watch, **kwargs)
+            for i, (e, out) in enumerate(zip(live, outs, strict=True)):
+                self._model_turn(e, out, cut=i in watch.cut)
+        return [[self._sample(e) for e in episodes[g * n : (g + 1) * n]] for g in range(len(problems))]
+
+    def _start(self, problem: Problem, group: int, version: int) -> Episode:
+        e = Episode(problem, group, self.make(), version=version, version_end=version)
+        failure, obs = self.calls(e.env.reset, problem, group_seed(problem))
+        if failure is None:
+            failure, obs = self._checked(obs)
+        if failure is not None:
+            e.prompt, e.prompt_ids = problem.prompt, self._encode(problem.prompt)
+            e.fail(failure)
+            return e
+        if isinstance(obs, str):
+            e.prompt = obs
+        else:
+            e.prompt = self.tokenizer.apply_chat_template(obs, tokenize=False, add_generation_prompt=True)
+        e.prompt_ids = self._encode(e.prompt)
+        if e.length >= self.cfg.max_tokens:
+            e.done, e.finish_reason = True, "length"
+        return e
+
+    def _model_turn(self, e: Episode, out: Continuation, cut: bool) -> None:
+        if not e.response:
+            e.version = min(out.versions, default=e.version)
+        e.response += out.ids
+        e.mask += [True] * len(out.ids)
+        e.logprobs += out.logprobs
+        e.versions += out.versions
+        e.version_end, e.turns = out.version_end, e.turns + 1
+        if cut and e.length >= self.cfg.max_tokens:  # no room left to answer this turn
+            e.done, e.finish_reason = True, "length"
+            return
+        failure, result = self.calls(e.env.step, self.tokenizer.decode(out.ids, skip_special_tokens=True))
+        if failure is None:
+            try:
+                step = as_step(result)
+            except TypeError as error:
+                failure, result = "error", str(error)
+        if failure is not None:
+            e.fail(failure)
+            return
+        e.reward += step.reward
+        for key, value in step.info.items():
+            e.info[key] = e.info.get(key, 0.0) + value
+        if step.done or step.observation is None:
+            e.done = True
+            return
+        if e.turns >= self.cfg.max_turns:
+            e.done, e.finish_reason = True, "length"
+            return
+        ids = self._reply_ids(step.observation, closed=bool(out.ids) and out.ids[-1] == self.eos)
+        if e.length + len(ids) >= self.cfg.max_tokens:  # the reply would leave no room for a turn
+            e.done, e.finish_reason = True, "length"
+            return
+        e.response += ids
+        e.mask += [False] * len(ids)
+        e.logprobs += [0.0] * len(ids)
+        e.versions += [e.versions[-1] if e.versions else e.version] * len(ids)
+
+    def _checked(self, obs: Any) -> tuple[str | None, Any]:
+        try:
+            check_observation(obs)
+        except TypeError as error:
+            self.calls.errors += 1
+            return "error", str(error)
+        return None, obs
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _reply_ids(self, obs: Observation, closed: bool) -> list[int]:
+        """Text as it is; messages as the chat template renders them after an assistant turn, the end of the
+        model's turn closed first if the model did not close it (a stop string ended it)."""
+        if isinstance(obs, str):
+            return self._encode(obs)
+        template = self.tokenizer.apply_chat_template
+        before = template(BASE_TURNS, tokenize=False)
+        after = template(BASE_TURNS + obs, tokenize=False, add_generation_prompt=True)
+        if not after.startswith(before):
+            raise UserError("the chat template renders earlier turns differently once messages follow them")
+        eos_text = self.tokenizer.decode([self.eos]) if self.eos is not None else ""
+        cut = before.rfind(eos_text) if eos_text else -1
+        tail = before[cut + len(eos_text) :] if cut >= 0 else ""  # what follows the end of an assistant turn
+        ids = self._encode(tail + after[len(before) :])
+        return ids if closed or cut < 0 else [self.eos, *ids]
+
+    def _sample(self, e: Episode) -> Sample:
+        oldest = min(e.versions, default=e.version)
+        model_versions = [v for v, m in zip(e.versions, e.mask, strict=True) if m]
+        spans = any(v != oldest for v in model_versions)
+        e.info["turns"] = float(e.turns)
+        return Sample(
+            prompt=e.prompt,
+            prompt_ids=e.prompt_ids,
+            response_ids=e.response,
+            text=self.tokenizer.decode(e.response, skip_special_tokens=True),
+            finish_reason=e.finish_reason,  # type: ignore[arg-type]
+            version=oldest,
+            behaviour_logprobs=e.logprobs if self.engine_logprobs else None,
+            answer=e.problem.answer,
+            reward=e.reward,
+            group=e.group,
+            extra={"env": dict(e.info)},
+            token_versions=e.versions if spans else None,
+            version_end=e.version_end,
+            model_mask=e.mask,
+        )
+
+
+def generate_groups(
+    engine,
+    problems: list[Problem],
+    n: int,
+    sampling: SamplingConfig,
+    generator: torch.Generator | None = None,
+    refresh=None,
+    episodes: Episodes | None = None,
+) -> list[list[Sample]]:
+    """What a runtime calls for a job: single-turn responses (to be scored by the reward) or, with an
+    environment, whole episodes already rewarded by it."""
+    if episodes is not None:
+        return episodes.run(engine, problems, n, sampling, generator, refresh)
+    kwargs = {"refresh": refresh} if refresh is not None else {}
+    return engine.generate([p.prompt for p in problems], n, sampling, generator, **kwargs)
