@@ -48,13 +48,19 @@ def rollout_metrics(samples: list[Sample], learner_version: int) -> dict[str, fl
 
 def episode_metrics(samples: list[Sample]) -> dict[str, float]:
     """Multi-turn episodes: each environment info key's mean per episode (`env_turns`, `env_tool_calls`...),
-    except lost episodes, counted (`env_errors`, `env_timeouts`); nothing for single-turn samples."""
+    except lost episodes, counted (`env_errors`, `env_timeouts`), and the share of the response tokens the
+    learner scores that it trains on (the rest are the environment's); nothing for single-turn samples."""
     infos = [s.extra["env"] for s in samples if "env" in s.extra]
     if not infos:
         return {}
     keys = sorted({k for info in infos for k in info} | {"errors", "timeouts"})
     total = {k: sum(info.get(k, 0.0) for info in infos) for k in keys}
-    return {f"env_{k}": (int(v) if k in ("errors", "timeouts") else v / len(infos)) for k, v in total.items()}
+    scored = sum(len(s.response_ids) for s in samples)  # the learner scores every response token
+    return {
+        f"env_{k}": (int(v) if k in ("errors", "timeouts") else v / len(infos)) for k, v in total.items()
+    } | {
+        "trained_token_share": sum(s.model_tokens for s in samples) / max(scored, 1)  # the model's: trained
+    }
 
 
 def version_metrics(samples: list[Sample], learner_version: int) -> dict[str, float]:

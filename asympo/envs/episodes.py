@@ -10,7 +10,6 @@ the loss covers those only. Episodes of a group share the problem and the enviro
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,33 +62,6 @@ class Episode:
         self.info[f"{kind}s"] = 1.0
 
 
-class TurnWatch:
-    """Ends a sequence at one of the environment's stop strings or at its token budget (StepWatch)."""
-
-    def __init__(self, tokenizer, stops: Sequence[str], budgets: list[int]):
-        self.tokenizer, self.stops, self.budgets = tokenizer, list(stops), budgets
-        self.counts = [0] * len(budgets)
-        self.tails: list[list[int]] = [[] for _ in budgets]
-        self.window = 4 * max((len(s) for s in stops), default=0) + 2  # tokens enough to spell any stop
-        self.cut: set[int] = set()  # ended by the budget
-
-    def __call__(self, seqs: list[int], tokens: torch.Tensor, logits: torch.Tensor) -> list[int]:
-        ended = []
-        for seq, token in zip(seqs, tokens.tolist(), strict=True):
-            self.counts[seq] += 1
-            if self.counts[seq] >= self.budgets[seq]:
-                self.cut.add(seq)
-                ended.append(seq)
-            elif self.stops:
-                tail = self.tails[seq]
-                tail.append(token)
-                del tail[: -self.window]
-                text = self.tokenizer.decode(tail, skip_special_tokens=False)
-                if any(stop in text for stop in self.stops):
-                    ended.append(seq)
-        return ended
-
-
 class Episodes:
     """Runs an environment's episodes on any engine with `continue_ids` (asympo's engine in every runtime)."""
 
@@ -117,12 +89,11 @@ class Episodes:
         episodes = [self._start(p, g, engine.version) for g, p in enumerate(problems) for _ in range(n)]
         while live := [e for e in episodes if not e.done]:
             budgets = [min(sampling.max_new_tokens, self.cfg.max_tokens - e.length) for e in live]
-            watch = TurnWatch(self.tokenizer, self.stops, budgets)
             sequences = [e.prompt_ids + e.response for e in live]
             kwargs = {"refresh": refresh} if refresh is not None else {}
-            outs = engine.continue_ids(sequences, sampling, generator, watch, **kwargs)
-            for i, (e, out) in enumerate(zip(live, outs, strict=True)):
-                self._model_turn(e, out, cut=i in watch.cut)
+            outs = engine.continue_ids(sequences, sampling, generator, self.stops, budgets, **kwargs)
+            for e, out in zip(live, outs, strict=True):
+                self._model_turn(e, out)
         return [[self._sample(e) for e in episodes[g * n : (g + 1) * n]] for g in range(len(problems))]
 
     def _start(self, problem: Problem, group: int, version: int) -> Episode:
@@ -143,7 +114,7 @@ class Episodes:
             e.done, e.finish_reason = True, "length"
         return e
 
-    def _model_turn(self, e: Episode, out: Continuation, cut: bool) -> None:
+    def _model_turn(self, e: Episode, out: Continuation) -> None:
         if not e.response:
             e.version = min(out.versions, default=e.version)
         e.response += out.ids
@@ -151,7 +122,7 @@ class Episodes:
         e.logprobs += out.logprobs
         e.versions += out.versions
         e.version_end, e.turns = out.version_end, e.turns + 1
-        if cut and e.length >= self.cfg.max_tokens:  # no room left to answer this turn
+        if out.finish_reason == "length" and e.length >= self.cfg.max_tokens:  # no room left to answer it
             e.done, e.finish_reason = True, "length"
             return
         failure, result = self.calls(e.env.step, self.tokenizer.decode(out.ids, skip_special_tokens=True))

@@ -7,7 +7,7 @@ import inspect
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
@@ -16,6 +16,7 @@ from asympo.config import SamplingConfig
 from asympo.rollout.base import Continuation, Sample
 from asympo.rollout.batching import PrefillStash, Prompt, SlotCache
 from asympo.rollout.packed import PackedLinears
+from asympo.rollout.stops import StopWatch
 
 # Called after each decode step with the sequences that drew a token, those tokens, and the logits they were
 # drawn from (banned tokens masked, before temperature); returns the sequences to end now, like EOS (a stop
@@ -183,13 +184,22 @@ class HFEngine:
         prompts: list[list[int]],
         sampling: SamplingConfig,
         generator: torch.Generator | None = None,
-        watch: StepWatch | None = None,
+        stops: Sequence[str] = (),
+        budgets: list[int] | None = None,
         refresh: Refresh | None = None,
     ) -> list[Continuation]:
-        """One continuation per token sequence, with each token's version (what multi-turn episodes call)."""
+        """One continuation per token sequence, with each token's version (what multi-turn episodes call):
+        it ends at EOS, at one of `stops` (kept) or after its `budgets` entry of tokens (`length`)."""
+        watch = None
+        if stops or budgets is not None:
+            watch = StopWatch(self.tokenizer, stops, budgets or [sampling.max_new_tokens] * len(prompts))
         with torch.inference_mode(), self.packed.active():
             got = self._generate_ids(prompts, sampling, generator, watch, refresh)
-        return [Continuation(*fields) for fields in zip(*got, strict=True)]
+        outs = [Continuation(*fields) for fields in zip(*got, strict=True)]
+        for i in watch.cut if watch is not None else ():
+            if outs[i].ids[-1] != self.eos_id:
+                outs[i].finish_reason = "length"
+        return outs
 
     def generate_ids(
         self,

@@ -13,6 +13,7 @@ a seed drawn from the caller's generator, so a seeded run repeats when the serve
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -20,7 +21,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from asympo.config import OpenAIEngineConfig, SamplingConfig
-from asympo.rollout.base import Sample
+from asympo.rollout.base import Continuation, Sample
 from asympo.rollout.client import ApiClient, ServerRejected
 from asympo.rollout.weight_sync import NoSync, WeightSync, make_sync
 
@@ -34,6 +35,7 @@ class OpenAIEngine:
         version: int = -1,
     ):
         self.cfg, self.tokenizer = cfg, tokenizer
+        self.return_logprobs = False  # text only: behaviour log-probs come from the learner
         self.client = ApiClient(cfg.base_url, cfg.api_key_env, cfg.timeout, cfg.retries, cfg.backoff)
         self.sync = sync if sync is not None else make_sync(cfg.weight_sync, self.client)
         self.version = version  # the version last loaded: pushed to the server, or just recorded (NoSync)
@@ -77,11 +79,57 @@ class OpenAIEngine:
         size = math.ceil(len(prompts) / min(self.cfg.concurrency, len(prompts)))
         chunks = [prompts[i : i + size] for i in range(0, len(prompts), size)]
         seeds = torch.randint(0, 2**31 - 1, (len(chunks),), generator=generator).tolist()
-        replies: list[dict[str, Any]] = [{}] * len(chunks)
-        todo = list(range(len(chunks)))
+        replies = self._send(lambda i: self._complete(model, chunks[i], n, sampling, seeds[i]), len(chunks))
+        groups: list[list[Sample]] = []
+        for chunk, reply in zip(chunks, replies, strict=True):
+            groups.extend(self._groups(chunk, n, reply, first=len(groups)))
+        return groups
+
+    def continue_ids(
+        self,
+        prompts: list[list[int]],
+        sampling: SamplingConfig,
+        generator: torch.Generator | None = None,
+        stops: Sequence[str] = (),
+        budgets: list[int] | None = None,
+    ) -> list[Continuation]:
+        """Multi-turn episodes, text only: each sequence goes out as token ids (one request each, sent
+        `concurrency` at a time), and the reply's text (with the stop string that ended it, when the server
+        says which in `stop_reason`, as vLLM and `asympo serve` do) is tokenized once, here. Those ids are
+        what the learner trains on; they can differ from the ones the server drew where the text encodes
+        differently (a server that returns only text cannot say)."""
+        if not prompts:
+            return []
+        model = self.model
+        budgets = budgets or [sampling.max_new_tokens] * len(prompts)
+        seeds = torch.randint(0, 2**31 - 1, (len(prompts),), generator=generator).tolist()
+        payloads = [
+            {"prompt": [ids], "max_tokens": budget, "seed": seed, **({"stop": list(stops)} if stops else {})}
+            for ids, budget, seed in zip(prompts, budgets, seeds, strict=True)
+        ]
+        replies = self._send(lambda i: self._complete(model, [], 1, sampling, 0, payloads[i]), len(prompts))
+        return [self._continuation(reply) for reply in replies]
+
+    def _continuation(self, reply: dict[str, Any]) -> Continuation:
+        choice = reply["choices"][0]
+        text, stop = choice.get("text") or "", choice.get("stop_reason")
+        reason = "length" if choice.get("finish_reason") == "length" else "stop"
+        if reason == "stop" and isinstance(stop, str):
+            text += stop  # servers leave the stop string out; the environment reads it
+        ids = self._ids(text)
+        if reason == "stop" and not isinstance(stop, str) and self.eos_id is not None:
+            ids.append(self.eos_id)
+        version = reply.get("policy_version")
+        version = version if isinstance(version, int) else self.version
+        return Continuation(ids, [0.0] * len(ids), reason, [version] * len(ids), version)
+
+    def _send(self, request: Callable[[int], dict[str, Any]], count: int) -> list[dict[str, Any]]:
+        """`count` requests in parallel; those answered by other weights than ours are sent again, once,
+        after pushing ours again (the server restarted, or someone else reloaded it)."""
+        replies: list[dict[str, Any]] = [{}] * count
+        todo = list(range(count))
         for attempt in range(2):
-            done = self._pool.map(lambda i: self._complete(model, chunks[i], n, sampling, seeds[i]), todo)
-            for i, reply in zip(todo, done, strict=True):
+            for i, reply in zip(todo, self._pool.map(request, todo), strict=True):
                 replies[i] = reply
             todo = [i for i in todo if self._lost_weights(replies[i])]
             if not todo:
@@ -91,13 +139,9 @@ class OpenAIEngine:
                 raise ServerRejected(
                     f"the server generates with version {version} right after a push of {self.version}"
                 )
-            # The server restarted (or was reloaded by someone else): push ours again, redo those requests.
             self.sync.push(self.weights, self.version)
             self.repushes += 1
-        groups: list[list[Sample]] = []
-        for chunk, reply in zip(chunks, replies, strict=True):
-            groups.extend(self._groups(chunk, n, reply, first=len(groups)))
-        return groups
+        return replies
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -108,7 +152,13 @@ class OpenAIEngine:
         return pushing and reported is not None and reported != self.version
 
     def _complete(
-        self, model: str, prompts: list[str], n: int, sampling: SamplingConfig, seed: int
+        self,
+        model: str,
+        prompts: list[str],
+        n: int,
+        sampling: SamplingConfig,
+        seed: int,
+        override: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         payload = {
             "model": model,
@@ -118,12 +168,14 @@ class OpenAIEngine:
             "temperature": sampling.temperature,
             "top_p": sampling.top_p,
             "seed": seed,
-        }
+        } | (override or {})
         reply = self.client.post_json("/completions", payload)
-        choices = reply.get("choices")
-        if not isinstance(choices, list) or len(choices) != len(prompts) * n:
+        choices, expected = reply.get("choices"), len(payload["prompt"]) * n
+        if not isinstance(choices, list) or len(choices) != expected:
             got = len(choices) if isinstance(choices, list) else "no"
-            raise ServerRejected(f"the server returned {got} choices for {len(prompts)} prompts x n={n}")
+            raise ServerRejected(
+                f"the server returned {got} choices for {len(payload['prompt'])} prompts x n={n}"
+            )
         return reply
 
     def _groups(self, prompts: list[str], n: int, reply: dict[str, Any], first: int) -> list[list[Sample]]:

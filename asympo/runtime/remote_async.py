@@ -17,6 +17,7 @@ import torch
 
 from asympo.config import RolloutConfig
 from asympo.data.tasks import Problem
+from asympo.envs.episodes import Episodes, generate_groups
 from asympo.faults import StopWaiting
 from asympo.rollout.base import RolloutEngine, Sample
 from asympo.runtime.buffer import BusyMeter, Scorer, StalenessBuffer, job_seed
@@ -36,8 +37,9 @@ class RemoteAsyncRuntime:
         rollout: RolloutConfig,
         seed: int,
         max_staleness: int = 2,
+        episodes: Episodes | None = None,
     ):
-        self.engine, self.problems, self.score = engine, problems, score
+        self.engine, self.problems, self.score, self.episodes = engine, problems, score, episodes
         self.rollout, self.seed = rollout, seed
         self.lag = max_staleness  # what the behaviour-log-prob snapshot store must cover
         self.buffer = StalenessBuffer(max_staleness)  # touched by the learner's thread only
@@ -119,9 +121,8 @@ class RemoteAsyncRuntime:
         if self.engine.version != version:
             self.engine.load_weights(weights, version)
         generator = torch.Generator().manual_seed(seed)
-        groups = self.engine.generate(
-            [p.prompt for p in problems], self.rollout.group_size, self.rollout, generator
-        )
+        n = self.rollout.group_size
+        groups = generate_groups(self.engine, problems, n, self.rollout, generator, episodes=self.episodes)
         elapsed = time.perf_counter() - start
         with self.changed:
             self.generating = False

@@ -210,12 +210,12 @@ class App:
         self, tokenizer: PreTrainedTokenizerBase, job: Job, request: GenerationRequest, i: int
     ) -> dict[str, Any]:
         prompt = i // request.n
-        text, reason, kept = "", "length", 0
+        text, reason, kept, matched = "", "length", 0, None
         if job.generate:
-            text, hit = cut_at_stop(
-                tokenizer.decode(job.responses[i], skip_special_tokens=True), request.stops
-            )
+            full = tokenizer.decode(job.responses[i], skip_special_tokens=True)
+            text, hit = cut_at_stop(full, request.stops)
             reason = "stop" if hit else job.reasons[i]
+            matched = next((s for s in request.stops if full.startswith(s, len(text))), None) if hit else None
             kept = (
                 _tokens_before(token_texts(tokenizer, job.responses[i]), len(text))
                 if hit
@@ -233,7 +233,9 @@ class App:
             if job.generate:
                 scores.extend(job.scores[i].head(kept))
             logprobs = completion_logprobs(tokenizer, scores, request.top)
-        return {"index": i, "text": head + text, "finish_reason": reason, "logprobs": logprobs}
+        # `stop_reason`: the stop string that ended it (vLLM's extension; null for EOS and length)
+        choice = {"index": i, "text": head + text, "finish_reason": reason, "logprobs": logprobs}
+        return choice | {"stop_reason": matched}
 
     def chat_completions(self, req: Request) -> Reply:
         request = parse_chat(json_object(req.body), self.served, self.render_chat)

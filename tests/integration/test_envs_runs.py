@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from serving import Server
 
 from asympo.trainer import train
 from tests.small_runs import read_metrics, small_config
@@ -70,7 +71,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
     [
         (["env.name=calculater"], "env.name='calculater': expected one of 'calculator', 'guess'"),
         (["env.name=guess", "env.args.low=5", "env.args.high=1"], "low (5) must be below high (1)"),
-        (["env.name=calculator", "rollout.engine=openai"], "multi-turn episodes run on asympo's engine"),
+        (["env.name=calculator", "env.step_timeout=0"], "env.step_timeout"),
         (["env.max_turns=0"], "env.max_turns"),
     ],
 )
@@ -78,3 +79,19 @@ def test_bad_environment_settings_are_one_line_errors(tmp_path, args, words):
     done = cli(f"out={tmp_path}", *args)
     assert done.returncode == 2, done.stderr
     assert words in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_the_openai_engine_plays_episodes_through_asympo_serve(tmp_path):
+    """Text only: each turn goes out as token ids and comes back as text, tokenized once; the stop string
+    that ended a tool call comes back in `stop_reason` and is kept."""
+    server = Server("model=tiny-calc")
+    try:
+        rollout = CALC["rollout"] | {"engine": "openai", "openai": {"base_url": server.url}}
+        calc = CALC | {"rollout": rollout, "runtime": {"mode": "sync"}}
+        result = train(small_config(tmp_path, steps=25, **calc), quiet=True)
+    finally:
+        server.stop()
+    assert result["accuracy_after"] > result["accuracy_before"] + 0.2, result
+    assert result["env_used_tool_after"] > result["env_used_tool_before"] + 0.2, result
+    steps = [m for m in read_metrics(tmp_path) if "reward" in m]
+    assert steps[-1]["env_tool_calls"] > 0.5 and all(m["env_errors"] == 0 for m in steps)

@@ -3,6 +3,7 @@ context limit, environments that raise or hang, chat-message replies, and the bu
 
 from __future__ import annotations
 
+import copy
 import time
 
 import pytest
@@ -19,7 +20,10 @@ from asympo.envs.load import load_env
 from asympo.errors import UserError
 from asympo.metrics import episode_metrics
 from asympo.models.load import load_policy
+from asympo.recompute import BehaviourRecompute
 from asympo.rollout.hf import HFEngine
+from asympo.rollout.stops import stop_end
+from asympo.snapshots import SnapshotStore
 
 PROBLEMS = [Problem("12+34-5=", "41"), Problem("61-20+7=", "48"), Problem("9+80+3=", "92")]
 SAMPLING = SamplingConfig(max_new_tokens=24)
@@ -139,6 +143,8 @@ def test_the_loss_mask_covers_the_model_tokens_only(calc_model):
         assert s.reward == float(s.text.rsplit("\n", 1)[-1].strip() == s.answer)  # the final turn's answer
         assert len(s.behaviour_logprobs) == len(s.response_ids)
     assert any(not all(s.model_mask) for s in samples)
+    share = sum(map(sum, (s.model_mask for s in samples))) / sum(len(s.response_ids) for s in samples)
+    assert episode_metrics(samples)["trained_token_share"] == pytest.approx(share) and 0 < share < 1
 
 
 def test_an_episode_stops_cleanly_at_the_context_limit(calc_model):
@@ -213,3 +219,22 @@ def test_chat_replies_are_the_templates_increment_after_the_models_turn(small_mo
 def test_episodes_of_a_group_share_the_problem_and_seed():
     assert group_seed(PROBLEMS[0]) == group_seed(Problem(PROBLEMS[0].prompt, "other"))
     assert group_seed(PROBLEMS[0]) != group_seed(PROBLEMS[1])
+
+
+def test_a_continuation_is_cut_after_the_token_that_completes_a_stop(tokenizer):
+    ids = tokenizer("<calc>1+2</calc>99</calc>", add_special_tokens=False)["input_ids"]
+    assert stop_end(tokenizer, ids, ["</calc>"]) == len("<calc>1+2</calc>")
+    assert stop_end(tokenizer, ids, ["\n"]) is None
+    assert stop_end(tokenizer, ids, ["2<", "99"]) == len("<calc>1+2<")
+
+
+def test_learner_recomputed_behaviour_logprobs_line_up_with_an_episodes_tokens(calc_model):
+    model, tokenizer = calc_model
+    samples = [s for g in run(HFEngine(model, tokenizer), tokenizer, n=8) for s in g]
+    store = SnapshotStore(1)
+    store.put(0, {k: v.detach().clone() for k, v in model.state_dict().items()})
+    kept, stats = BehaviourRecompute(copy.deepcopy(model), store, tokenizer.pad_token_id).apply(samples)
+    # the engine's, on the model's tokens (it masks pad/bos/unk; a token out of line would be off by nats)
+    assert kept == samples and stats["behaviour_lp_diff_max"] < 1e-2
+    assert all(len(s.behaviour_logprobs) == len(s.response_ids) for s in samples)
+    make_batch(samples, tokenizer.pad_token_id, "group_norm")  # one row per episode, every token in place
