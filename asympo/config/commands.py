@@ -8,6 +8,7 @@ from pydantic import Field, field_validator, model_validator
 
 from asympo.config.base import Placed, Precision, Strict, check_device_name
 from asympo.config.data import PromptConfig, TaskConfig
+from asympo.config.env import EnvConfig
 from asympo.config.model import TinyModelConfig
 from asympo.config.objective import OBJECTIVE_NAMES
 from asympo.config.train import TrainConfig
@@ -181,6 +182,8 @@ class EvalConfig(Placed):
     """The held-out problems: the task's test split."""
     prompt: PromptConfig = PromptConfig()
     """How a question becomes the prompt, as in train."""
+    env: EnvConfig = EnvConfig()
+    """As in train: score each problem as an environment's episode (`env.name=calculator`)."""
     reward: str = "exact"
     """As in train: a response is correct when its reward is at least 1."""
     reward_timeout: float = Field(5.0, gt=0)
@@ -203,6 +206,13 @@ class EvalConfig(Placed):
     """Also write the result as JSON to this file; null: print only."""
     progress: bool = True
     """Show the progress bar."""
+
+    @model_validator(mode="after")
+    def _reasoning_gym_reward(self) -> EvalConfig:
+        """As in train: a reasoning-gym task is scored by its own scorer unless a reward is asked for."""
+        if self.task.name.startswith("reasoning_gym:") and "reward" not in self.model_fields_set:
+            self.reward = "reasoning_gym"
+        return self
 
 
 class ServeConfig(Placed):

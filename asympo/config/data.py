@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -14,8 +14,14 @@ class TaskConfig(Strict):
     Dataset fields are ignored by arith and arith fields by datasets."""
 
     name: str = "arith"
-    """`arith` (the built-in arithmetic), a `.jsonl` / `.json` / `.parquet` file, a dataset folder, or a hub
-    dataset id (`org/name`)."""
+    """`arith` (the built-in arithmetic), a `.jsonl` / `.json` / `.parquet` file, a dataset folder, a hub
+    dataset id (`org/name`), or `reasoning_gym:<dataset>` (a reasoning-gym task: the `reasoning-gym`
+    extra)."""
+    options: dict[str, Any] = {}
+    """reasoning-gym: the dataset's config keys, e.g. `task.options.min_terms=2`."""
+    size: int = Field(4000, ge=10)
+    """reasoning-gym: problems generated with `seed`; test and validation are held out of them by a hash of
+    the question, the rest is the train set."""
     operands: int = Field(2, ge=2, le=8)
     """Arith: numbers per problem (2 to 8)."""
     digits: int = Field(2, ge=1, le=6)

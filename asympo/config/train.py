@@ -157,7 +157,8 @@ class TrainConfig(Placed):
     """Reward timeouts and how many failures the run survives."""
     reward: str = "exact"
     """`exact`, `math` (math-verify on the last `\\boxed{}`), `math-lenient` (also an unboxed last number),
-    `math-format` (+0.1 for any boxed answer), or `package.module:function` taking (text, answer)."""
+    `math-format` (+0.1 for any boxed answer), `reasoning_gym` (the dataset's own scorer; the default for
+    reasoning-gym tasks), or `package.module:function` taking (text, answer)."""
     steps: int = Field(200, ge=0)
     """Training steps (one rollout batch each)."""
     seed: int = 0
@@ -187,6 +188,13 @@ class TrainConfig(Placed):
     (SIGINT/SIGTERM) or a failure stops the run."""
     resume: bool = False
     """Continue from the newest checkpoint in out/checkpoints."""
+
+    @model_validator(mode="after")
+    def _reasoning_gym_reward(self) -> TrainConfig:
+        """A reasoning-gym task is scored by its own scorer unless another reward is asked for."""
+        if self.task.name.startswith("reasoning_gym:") and "reward" not in self.model_fields_set:
+            self.reward = "reasoning_gym"
+        return self
 
     @model_validator(mode="after")
     def _minibatches_fit(self) -> TrainConfig:

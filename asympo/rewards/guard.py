@@ -31,6 +31,7 @@ NAMED = {  # short names for the built-in rewards
     "math": "asympo.rewards.math:boxed_reward",
     "math-lenient": "asympo.rewards.math:lenient_reward",
     "math-format": "asympo.rewards.math:boxed_format_reward",
+    "reasoning_gym": "asympo.rewards.rgym:reasoning_gym_reward",
 }
 
 

@@ -3,6 +3,7 @@ runtimes (local processes, Ray actors) train on episodes, and bad environment se
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -95,3 +96,19 @@ def test_the_openai_engine_plays_episodes_through_asympo_serve(tmp_path):
     assert result["env_used_tool_after"] > result["env_used_tool_before"] + 0.2, result
     steps = [m for m in read_metrics(tmp_path) if "reward" in m]
     assert steps[-1]["env_tool_calls"] > 0.5 and all(m["env_errors"] == 0 for m in steps)
+
+
+def test_eval_scores_episodes_and_reports_success_and_turns(tmp_path):
+    out = tmp_path / "eval.json"
+    args = ["model=tiny-calc", "env.name=calculator", "task.operands=3", "task.ops=+-", "task.test_size=40"]
+    done = subprocess.run(
+        [sys.executable, "-m", "asympo", "eval", *args, "max_new_tokens=24", "k=4", f"json_out={out}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    assert 1 < result["env_turns"] < 2 and 0 < result["env_used_tool"] < 1
+    # the warm start gets a problem right when it uses the tool, almost never without it
+    assert abs(result["pass@1"] - result["env_used_tool"]) < 0.1, result
