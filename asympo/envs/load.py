@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from typing import Any
 
 from asympo.errors import UserError
+from asympo.specs import import_named
 
 NAMED = {
     "calculator": "asympo.envs.calculator:Calculator",
@@ -16,22 +16,8 @@ NAMED = {
 
 def load_env(spec: str, args: dict[str, Any]) -> Callable[[], Any]:
     """A factory of fresh environments; a bad spec or arguments are a one-line UserError now."""
-    module_name, _, attr = NAMED.get(spec, spec).partition(":")
-    if not module_name or not attr:
-        names = ", ".join(f"'{n}'" for n in NAMED)
-        raise UserError(
-            f"env.name={spec!r}: expected one of {names} or an import path 'package.module:Class'"
-        )
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as e:
-        why = f"importing {module_name} failed: " + f"{type(e).__name__}: {e}".splitlines()[0]
-        if isinstance(e, ModuleNotFoundError) and f"{module_name}.".startswith(f"{e.name}."):
-            why = f"module {module_name} not found"
-        raise UserError(f"env.name={spec!r}: {why}") from None
-    cls = getattr(module, attr, None)
-    if cls is None:
-        raise UserError(f"env.name={spec!r}: {module_name} has no attribute {attr}")
+    cls = import_named(f"env.name={spec!r}", spec, NAMED, "Class")
+    attr = NAMED.get(spec, spec).partition(":")[2]
     try:
         probe = cls(**args)
     except Exception as e:

@@ -8,7 +8,6 @@ started, so the parent enforces a per-call deadline without a message per item, 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import math
 import multiprocessing as mp
 import numbers
@@ -23,6 +22,7 @@ from typing import Any
 
 from asympo.errors import UserError  # asympo imports stay light here: the child imports this module
 from asympo.lifetime import exit_with_parent
+from asympo.specs import import_named
 
 RewardFn = Callable[[str, str], float]  # (response_text, reference_answer) -> reward
 CHUNK = 1024  # items per message; the shared array holds [items done, current item's start, results...]
@@ -37,24 +37,9 @@ NAMED = {  # short names for the built-in rewards
 
 def load_reward(spec: str) -> RewardFn:
     """Resolve a built-in name or "package.module:function" now, so a typo fails before anything spawns."""
-    module_name, _, attr = NAMED.get(spec, spec).partition(":")
-    if not module_name or not attr:
-        names = ", ".join(f"'{n}'" for n in NAMED)
-        raise UserError(
-            f"reward {spec!r}: expected one of {names} or an import path 'package.module:function'"
-        )
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as e:  # a missing or broken user module is bad input, not a crash of ours
-        why = f"importing {module_name} failed: " + f"{type(e).__name__}: {e}".splitlines()[0]
-        if isinstance(e, ModuleNotFoundError) and f"{module_name}.".startswith(f"{e.name}."):
-            why = f"module {module_name} not found"
-        raise UserError(f"reward {spec!r}: {why}") from None
-    fn = getattr(module, attr, None)
-    if fn is None:
-        raise UserError(f"reward {spec!r}: {module_name} has no attribute {attr}")
+    fn = import_named(f"reward {spec!r}", spec, NAMED, "function")
     if not callable(fn):
-        raise UserError(f"reward {spec!r}: {attr} is not callable")
+        raise UserError(f"reward {spec!r}: {NAMED.get(spec, spec).partition(':')[2]} is not callable")
     return fn
 
 
