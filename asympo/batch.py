@@ -34,6 +34,23 @@ class TrainBatch:
         pick = lambda t: None if t is None else t[rows]  # noqa: E731
         return TrainBatch(*(pick(getattr(self, f)) for f in self.__dataclass_fields__))
 
+    def trimmed(self) -> TrainBatch:
+        """Without the padding columns every row has (right padding past the longest sequence)."""
+        width = int(self.attention_mask.sum(-1).max())
+        if width == self.input_ids.shape[1]:
+            return self
+        shifted = lambda t: None if t is None else t[:, : width - 1]  # noqa: E731
+        return TrainBatch(
+            input_ids=self.input_ids[:, :width],
+            attention_mask=self.attention_mask[:, :width],
+            response_mask=shifted(self.response_mask),
+            advantages=self.advantages,
+            rewards=self.rewards,
+            group_ids=self.group_ids,
+            versions=self.versions,
+            behaviour_logprobs=shifted(self.behaviour_logprobs),
+        )
+
 
 def make_batch(samples: list[Sample], pad_id: int, advantage: str) -> TrainBatch:
     width = max(len(s.prompt_ids) + len(s.response_ids) for s in samples)
@@ -65,15 +82,21 @@ def make_batch(samples: list[Sample], pad_id: int, advantage: str) -> TrainBatch
     )
 
 
-def micro_batches(batch: TrainBatch, size: int) -> list[TrainBatch]:
-    """Split into micro-batches of about `size` responses without ever splitting a group."""
+def micro_batches(batch: TrainBatch, size: int, packing: str = "none") -> list[TrainBatch]:
+    """Split into micro-batches of about `size` responses without ever splitting a group, each cut to its own
+    longest sequence; `sorted` takes the groups longest first, so similar lengths share a micro-batch."""
+    lengths = batch.attention_mask.sum(-1)
+    groups = [
+        (batch.group_ids == gid).nonzero()[:, 0].tolist() for gid in batch.group_ids.unique(sorted=True)
+    ]
+    if packing == "sorted":
+        groups.sort(key=lambda rows: -int(lengths[rows].max()))  # stable: ties keep batch order
     chunks: list[list[int]] = [[]]
-    for gid in batch.group_ids.unique(sorted=True).tolist():
-        rows = (batch.group_ids == gid).nonzero()[:, 0].tolist()
+    for rows in groups:
         if chunks[-1] and len(chunks[-1]) + len(rows) > size:
             chunks.append([])
         chunks[-1].extend(rows)
-    return [batch.select(torch.tensor(c)) for c in chunks]
+    return [batch.select(torch.tensor(c)).trimmed() for c in chunks]
 
 
 def minibatches(batch: TrainBatch, count: int) -> list[TrainBatch]:

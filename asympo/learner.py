@@ -122,7 +122,9 @@ class Learner:
 
     def plan(self, batch: TrainBatch) -> list[tuple[TrainBatch, float]]:
         """This process's micro-batches and their loss scales (a rank may add 0-scaled padding ones)."""
-        return [(mb, 1.0) for mb in micro_batches(batch, self.optim_cfg.micro_batch_size)]
+        return [
+            (mb, 1.0) for mb in micro_batches(batch, self.optim_cfg.micro_batch_size, self.optim_cfg.packing)
+        ]
 
     def combine(self, metrics: dict[str, float], rows: dict[str, list]) -> tuple[dict[str, float], dict]:
         """Sum metrics and join per-response values across ranks; one process has nothing to add."""
@@ -147,7 +149,13 @@ class Learner:
         metrics: dict[str, float] = {}
         rows: dict[str, list[torch.Tensor]] = {"nll": [], "adv": [], "entropy": [], "length": []}
         self.optimizer.zero_grad(set_to_none=True)
-        for mb, scale in self.plan(batch):
+        plan = self.plan(batch)
+        # Dr.GRPO's constant normaliser: the response cap, else the batch's width (not a micro-batch's)
+        max_len = self.max_len if self.max_len is not None else batch.response_mask.shape[1]
+        real = [mb.attention_mask for mb, scale in plan if scale]  # a rank's padding micro-batches excluded
+        metrics["computed_tokens"] = float(sum(mask.numel() for mask in real))  # summed across ranks
+        metrics["real_tokens"] = float(sum(mask.sum() for mask in real))
+        for mb, scale in plan:
             mb = mb.to(self.placement.device)
             proximal = None
             if self.spec.needs_proximal:  # AReaL's proximal policy: these weights, before this step's update
@@ -169,7 +177,7 @@ class Learner:
                     reference_logprobs=reference,
                     total_responses=total_responses,
                     total_tokens=total_tokens,
-                    max_len=self.max_len,
+                    max_len=max_len,
                 ),
                 self.objective,
             )
@@ -188,6 +196,7 @@ class Learner:
             rows["nll"].append(-masked(logprobs.detach(), mb.response_mask).sum(-1) / length.clamp(min=1))
             rows["adv"].append(mb.advantages)
         metrics, joined = self.combine(metrics, rows)
+        metrics["pad_share"] = 1.0 - metrics.pop("real_tokens") / max(metrics.pop("computed_tokens"), 1.0)
         adv = joined["adv"]  # the splits are exact over the batch, not averaged per micro-batch
         metrics |= nll_split(joined["nll"], adv) | sign_split("length", joined["length"], adv)
         if joined["entropy"] is not None:  # a collapsing policy loses entropy on both sides; a drifting one

@@ -210,7 +210,7 @@ class EvalConfig(Placed):
     @model_validator(mode="after")
     def _reasoning_gym_reward(self) -> EvalConfig:
         """As in train: a reasoning-gym task is scored by its own scorer unless a reward is asked for."""
-        if self.task.name.startswith("reasoning_gym:") and "reward" not in self.model_fields_set:
+        if self.task.name.startswith("reasoning_gym:") and self.reward == "exact":  # exact: never a match
             self.reward = "reasoning_gym"
         return self
 

@@ -30,6 +30,10 @@ class OptimConfig(Strict):
     """Gradient-norm clip, the same for every objective so that comparisons stay fair."""
     micro_batch_size: int = Field(128, ge=1)
     """Responses per forward/backward (groups are never split): lower it to save memory, same result."""
+    packing: Literal["none", "sorted"] = "none"
+    """How groups fill micro-batches: `none` (in batch order) or `sorted` (longest groups together, so short
+    ones are not padded to long ones). Each micro-batch is padded to its own longest sequence either way;
+    the loss and gradient are the same (normalisers are the whole batch's); `pad_share` logs the padding."""
     minibatches: int = Field(1, ge=1)
     """Optimiser updates per rollout batch, each on an equal share of its groups (verl's ppo_mini_batch_size,
     TRL's steps_per_generation). Each update is a policy version, so one batch advances it this far."""
@@ -191,8 +195,9 @@ class TrainConfig(Placed):
 
     @model_validator(mode="after")
     def _reasoning_gym_reward(self) -> TrainConfig:
-        """A reasoning-gym task is scored by its own scorer unless another reward is asked for."""
-        if self.task.name.startswith("reasoning_gym:") and "reward" not in self.model_fields_set:
+        """A reasoning-gym task is scored by its own scorer unless another reward is asked for: `exact`
+        would compare with the entry's JSON, which no response matches."""
+        if self.task.name.startswith("reasoning_gym:") and self.reward == "exact":  # exact: never a match
             self.reward = "reasoning_gym"
         return self
 

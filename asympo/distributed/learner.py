@@ -164,10 +164,10 @@ class ShardedLearner(Learner):
     # --- the pieces of a step that differ across ranks --------------------------------------------------
 
     def plan(self, batch: TrainBatch) -> list[tuple[TrainBatch, float]]:
-        size = self.optim_cfg.micro_batch_size
+        size, packing = self.optim_cfg.micro_batch_size, self.optim_cfg.packing
         parts = deal_groups(batch, self.world)
-        counts = [len(micro_batches(p, size)) if p is not None else 0 for p in parts]
-        mine = micro_batches(parts[self.rank], size) if parts[self.rank] is not None else []
+        counts = [len(micro_batches(p, size, packing)) if p is not None else 0 for p in parts]
+        mine = micro_batches(parts[self.rank], size, packing) if parts[self.rank] is not None else []
         padding = micro_batches(batch, size)[0]  # any real micro-batch: its scale 0 makes it weightless
         # FSDP averages gradients over ranks, and each rank's loss is its share of the whole batch's (the
         # normalisers are global): scaling by the rank count makes the average the sum, as one process has

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from asympo.config import EvalConfig, TaskConfig, TrainConfig
+from asympo.config import EvalConfig, TaskConfig, TrainConfig, build_config
 from asympo.data.source import Task
 from asympo.errors import UserError
 from asympo.rewards.guard import load_reward
@@ -43,7 +43,8 @@ def test_the_reward_is_the_datasets_own_score_of_the_extracted_answer():
 def test_reasoning_gym_tasks_default_to_their_own_scorer():
     task = {"name": "reasoning_gym:gcd"}
     assert TrainConfig.model_validate({"task": task}).reward == "reasoning_gym"
-    assert TrainConfig.model_validate({"task": task, "reward": "exact"}).reward == "exact"
+    assert TrainConfig.model_validate({"task": task, "reward": "math"}).reward == "math"
+    assert build_config(TrainConfig, None, ["task.name=reasoning_gym:gcd"]).reward == "reasoning_gym"
     assert EvalConfig.model_validate({"task": task}).reward == "reasoning_gym"
     assert TrainConfig().reward == "exact"
 
