@@ -19,6 +19,7 @@ from asympo.bench.engine import engine_vs_generate
 from asympo.bench.engines import asympo_vs_vllm, learning_runs, vllm_python
 from asympo.bench.learner import learner_steps, matmul_peak
 from asympo.bench.lora import lora_memory
+from asympo.bench.packing import packing_steps
 from asympo.bench.precision import decode_precisions, device_description, learner_precisions
 from asympo.bench.runtime import INFLIGHT_VARIANTS, VARIANTS, backend_variants, compare_runtimes, served_tiny
 from asympo.config import BenchConfig
@@ -47,6 +48,8 @@ def shrink(cfg: BenchConfig) -> BenchConfig:
             learner_rows=4,
             learner_length=32,
             learner_repeats=1,
+            packing_rows=16,
+            packing_length=48,
             runtime_steps=2,
             runtime_repeats=1,
             engines_rounds=1,
@@ -111,6 +114,24 @@ def bench_learner(cfg: BenchConfig, model, tokenizer, say) -> tuple[dict, list[R
             f"{r['utilisation']:.1%}",
             ">= 70%",
         ),
+    ]
+
+
+def bench_packing(cfg: BenchConfig, model, tokenizer, say) -> tuple[dict, list[Row]]:
+    placement = cfg_placement(cfg, model)
+    rows, length = cfg.packing_rows, cfg.packing_length
+    r = packing_steps(model, len(tokenizer), rows, length, cfg.learner_repeats, say, placement)
+    return r, [
+        row(
+            f"learner real tokens/s, {name} vs padded micro-batches (pad {r[name + '_pad_share']:.0%} vs "
+            f"{r['padded_pad_share']:.0%})",
+            r[f"{name}_tokens_per_s"],
+            r["padded_tokens_per_s"],
+            0,
+            f"{r[name + '_speedup']:.2f}x",
+            ">= 1.3x" if name == "sorted" else ">= 1.0x",
+        )
+        for name in ("none", "sorted")
     ]
 
 
@@ -288,12 +309,13 @@ def run_bench(cfg: BenchConfig) -> dict:
     say(f"asympo bench: model {name}, {cfg.threads} threads, {where}")
     result: dict = {"model": name, "threads": cfg.threads, "quick": cfg.quick, "device": where}
     rows: list[Row] = []
-    if {"engine", "learner", "precision", "engines"} & set(cfg.sections):
+    if {"engine", "learner", "packing", "precision", "engines"} & set(cfg.sections):
         ensure_tiny(name)
         model, tokenizer = load_policy(name)
     parts = {
         "engine": lambda: bench_engine(cfg, name, model, tokenizer, say),
         "learner": lambda: bench_learner(cfg, model, tokenizer, say),
+        "packing": lambda: bench_packing(cfg, model, tokenizer, say),
         "runtime": lambda: bench_runtime(cfg, out, say),
         "backends": lambda: bench_backends(cfg, out, say),
         "inflight": lambda: bench_inflight(cfg, out, say),

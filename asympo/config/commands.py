@@ -261,7 +261,9 @@ class ServeConfig(Placed):
 # "lora" (on request): one learner step's memory, LoRA vs full fine-tuning
 # "engines" (on request): asympo's engine vs vLLM (from ./.venv-vllm) on the engine part's workload
 # "inflight" (on request): between-jobs vs in-flight weight updates on the async tiny workload
-BenchSection = Literal["engine", "learner", "runtime", "backends", "precision", "lora", "engines", "inflight"]
+BenchSection = Literal[
+    "engine", "learner", "packing", "runtime", "backends", "precision", "lora", "engines", "inflight"
+]
 
 
 class BenchConfig(Strict):
@@ -295,6 +297,10 @@ class BenchConfig(Strict):
     """Tokens per sequence of the timed learner step."""
     learner_repeats: int = Field(5, ge=1)
     """Timed learner steps per variant, after one warm-up round."""
+    packing_rows: int = Field(64, ge=8)
+    """`packing`: sequences in the long-tailed batch (groups of 8, four micro-batches)."""
+    packing_length: int = Field(256, ge=32)
+    """`packing`: the longest sequence, prompt included; most responses stop at an eighth to a quarter."""
     runtime_steps: int = Field(40, ge=2)
     """Training steps per run of the runtime and backends parts."""
     runtime_repeats: int = Field(2, ge=1)

@@ -76,3 +76,17 @@ def test_quick_inflight_bench_compares_the_weight_update_settings(tmp_path):
         assert set(workload) == {"between_jobs", "keep", "recompute"}
         assert all(r["samples_per_s"] > 0 and "publish_latency_p50" in r for r in workload.values())
     assert len(result["table"]) == 12  # 3 measures x (keep, recompute) x 2 workloads
+
+
+def test_quick_packing_bench_steps_the_same_batch_three_ways(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "asympo", "bench", "quick=true", "sections=[packing]", f"out={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    packing = json.loads((tmp_path / "bench.json").read_text())["packing"]
+    assert packing["none_pad_share"] < packing["padded_pad_share"]  # cut micro-batches hold less padding
+    assert packing["sorted_pad_share"] <= packing["none_pad_share"]
+    assert all(packing[f"{n}_tokens_per_s"] > 0 for n in ("padded", "none", "sorted"))
