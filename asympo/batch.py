@@ -65,7 +65,8 @@ def make_batch(samples: list[Sample], pad_id: int, advantage: str) -> TrainBatch
         input_ids[i, : p + r] = torch.tensor(s.prompt_ids + s.response_ids)
         attention[i, : p + r] = 1
         # a multi-turn episode's response also holds the environment's replies: the loss covers the model's
-        response_mask[i, p - 1 : p - 1 + r] = True if s.model_mask is None else torch.tensor(s.model_mask)
+        mask = True if s.model_mask is None else torch.tensor(s.model_mask, dtype=torch.bool)
+        response_mask[i, p - 1 : p - 1 + r] = mask
         if behaviour is not None:
             behaviour[i, p - 1 : p - 1 + r] = torch.tensor(s.behaviour_logprobs)
     rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32)

@@ -67,11 +67,12 @@ class BehaviourRecompute:
                     self.temperature,
                 ).cpu()
             for row, s in enumerate(group):
-                start = len(s.prompt_ids) - 1  # every response token, an episode's environment tokens too
-                recomputed = logprobs[row][start : start + len(s.response_ids)]
+                first = len(s.prompt_ids) - 1  # every response token, an episode's environment tokens too
+                recomputed = logprobs[row][first : first + len(s.response_ids)]
                 if s.behaviour_logprobs is not None:  # the engine sent its own: measure the mismatch
                     diff = (recomputed - torch.tensor(s.behaviour_logprobs)).abs()
-                    diffs.append(diff if s.model_mask is None else diff[torch.tensor(s.model_mask)])
+                    mask = s.model_mask
+                    diffs.append(diff if mask is None else diff[torch.tensor(mask, dtype=torch.bool)])
                 s.behaviour_logprobs = recomputed.tolist()
                 ok.add(id(s))
         kept = [s for s in samples if id(s) in ok]  # the runtime's order, groups intact

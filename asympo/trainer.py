@@ -84,7 +84,7 @@ class Trainer:
             cfg.objective,
             cfg.optim,
             temperature,
-            cfg.rollout.max_new_tokens,
+            cfg.env.max_tokens if cfg.env.name else cfg.rollout.max_new_tokens,  # the longest response
             self.placement,
             lora=cfg.lora,
         )

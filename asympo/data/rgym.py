@@ -3,8 +3,9 @@
 
 `task.size` problems are generated with the task's seed and `task.options` (the dataset's config keys); the
 Task splits them into train, validation and test by a hash of the question, like any dataset, so no split
-shares a problem. Each row's answer carries the whole entry as JSON: the `reasoning_gym` reward scores a
-response with the dataset's own `score_answer`, which may need the entry's metadata.
+shares a problem. Each row's answer carries the whole entry and the dataset's options as JSON: the
+`reasoning_gym` reward scores a response with the dataset's own `score_answer`, which may need the entry's
+metadata and the options (a scorer's precision or tolerance).
 """
 
 from __future__ import annotations
@@ -46,5 +47,5 @@ def reasoning_gym_records(cfg: TaskConfig) -> Iterator[tuple[str, dict[str, Any]
         if entry["question"] in seen:  # a procedural generator may repeat itself
             continue
         seen.add(entry["question"])
-        answer = json.dumps(entry, default=list)
+        answer = json.dumps({"entry": entry, "dataset": name, "options": cfg.options}, default=list)
         yield f"{cfg.name} item {index}", {"question": entry["question"], "answer": answer}

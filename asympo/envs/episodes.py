@@ -23,9 +23,11 @@ from asympo.envs.load import load_env
 from asympo.errors import UserError
 from asympo.rollout.base import Continuation, Sample
 
-# A short conversation whose rendering ends right after an assistant turn: what a new message's rendering
-# is measured against (the chat template's increment).
-BASE_TURNS = [{"role": "user", "content": "?"}, {"role": "assistant", "content": "!"}]
+# An assistant turn whose content cannot be mistaken: what a template renders after it is the increment that
+# follows a model's turn (its end, the environment's messages, the next assistant header). Earlier turns may
+# render differently once messages follow them (Qwen3 drops an empty think block): they are never re-read.
+SENTINEL = "ASYMPO-TURN-7f3a"
+BASE_TURNS = [{"role": "user", "content": "?"}, {"role": "assistant", "content": SENTINEL}]
 
 
 def group_seed(problem: Problem) -> int:
@@ -57,8 +59,10 @@ class Episode:
         return len(self.prompt_ids) + len(self.response)
 
     def fail(self, kind: str) -> None:
-        """An environment call raised or hung: the episode ends with reward 0, counted."""
+        """An environment call raised or hung: the episode ends with reward 0, counted, and none of its
+        tokens is trained on (the fault is not the model's); its reward still counts in the group's mean."""
         self.done, self.reward = True, 0.0
+        self.mask = [False] * len(self.mask)
         self.info[f"{kind}s"] = 1.0
 
 
@@ -73,7 +77,6 @@ class Episodes:
         self.stops = list(getattr(self.make(), "stop", ()))
         self.calls = EnvCalls(cfg.step_timeout)
         self.eos = tokenizer.eos_token_id
-        self._chat_tail: str | None = None
 
     def run(
         self,
@@ -100,16 +103,12 @@ class Episodes:
         e = Episode(problem, group, self.make(), version=version, version_end=version)
         failure, obs = self.calls(e.env.reset, problem, group_seed(problem))
         if failure is None:
-            failure, obs = self._checked(obs)
+            failure, obs = self._guarded(self._first_text, obs)
         if failure is not None:
             e.prompt, e.prompt_ids = problem.prompt, self._encode(problem.prompt)
             e.fail(failure)
             return e
-        if isinstance(obs, str):
-            e.prompt = obs
-        else:
-            e.prompt = self.tokenizer.apply_chat_template(obs, tokenize=False, add_generation_prompt=True)
-        e.prompt_ids = self._encode(e.prompt)
+        e.prompt, e.prompt_ids = obs, self._encode(obs)
         if e.length >= self.cfg.max_tokens:
             e.done, e.finish_reason = True, "length"
         return e
@@ -140,10 +139,13 @@ class Episodes:
         if step.done or step.observation is None:
             e.done = True
             return
-        if e.turns >= self.cfg.max_turns:
-            e.done, e.finish_reason = True, "length"
+        if e.turns >= self.cfg.max_turns:  # out of turns: the environment's verdict stands (not truncated)
+            e.done, e.info["out_of_turns"] = True, 1.0
             return
-        ids = self._reply_ids(step.observation, closed=bool(out.ids) and out.ids[-1] == self.eos)
+        failure, ids = self._guarded(self._reply_ids, step.observation, out.ids)
+        if failure is not None:
+            e.fail(failure)
+            return
         if e.length + len(ids) >= self.cfg.max_tokens:  # the reply would leave no room for a turn
             e.done, e.finish_reason = True, "length"
             return
@@ -152,32 +154,43 @@ class Episodes:
         e.logprobs += [0.0] * len(ids)
         e.versions += [e.versions[-1] if e.versions else e.version] * len(ids)
 
-    def _checked(self, obs: Any) -> tuple[str | None, Any]:
+    def _guarded(self, render, *args) -> tuple[str | None, Any]:
+        """Check and render what an environment returned; a malformed observation, or one the chat template
+        rejects, is the environment's error: its episode is lost, counted."""
         try:
-            check_observation(obs)
-        except TypeError as error:
+            return None, render(*args)
+        except Exception as error:  # noqa: BLE001 - TypeError from the checks, jinja's errors from templates
             self.calls.errors += 1
-            return "error", str(error)
-        return None, obs
+            return "error", f"{type(error).__name__}: {error}"
+
+    def _first_text(self, obs: Any) -> str:
+        check_observation(obs)
+        if obs == "":
+            raise TypeError("the first observation is empty")
+        if isinstance(obs, str):
+            return obs
+        return self.tokenizer.apply_chat_template(obs, tokenize=False, add_generation_prompt=True)
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def _reply_ids(self, obs: Observation, closed: bool) -> list[int]:
-        """Text as it is; messages as the chat template renders them after an assistant turn, the end of the
-        model's turn closed first if the model did not close it (a stop string ended it)."""
+    def _reply_ids(self, obs: Observation, turn: list[int]) -> list[int]:
+        """Text as it is; messages as the chat template renders them after an assistant turn: the turn's end,
+        the messages and the next assistant header. The turn's end is left out when the model's last token
+        already wrote it (EOS or the template's end-of-turn token), else the environment closes the turn."""
+        check_observation(obs)
         if isinstance(obs, str):
             return self._encode(obs)
-        template = self.tokenizer.apply_chat_template
-        before = template(BASE_TURNS, tokenize=False)
-        after = template(BASE_TURNS + obs, tokenize=False, add_generation_prompt=True)
-        if not after.startswith(before):
-            raise UserError("the chat template renders earlier turns differently once messages follow them")
-        eos_text = self.tokenizer.decode([self.eos]) if self.eos is not None else ""
-        cut = before.rfind(eos_text) if eos_text else -1
-        tail = before[cut + len(eos_text) :] if cut >= 0 else ""  # what follows the end of an assistant turn
-        ids = self._encode(tail + after[len(before) :])
-        return ids if closed or cut < 0 else [self.eos, *ids]
+        after = self.tokenizer.apply_chat_template(
+            BASE_TURNS + obs, tokenize=False, add_generation_prompt=True
+        )
+        if after.count(SENTINEL) != 1:
+            raise TypeError("the chat template does not render an assistant turn's content as it is")
+        text = after[after.index(SENTINEL) + len(SENTINEL) :]
+        last = self.tokenizer.decode(turn[-1:]) if turn else ""
+        if last.strip() and text.startswith(last):
+            text = text[len(last) :]
+        return self._encode(text)
 
     def _sample(self, e: Episode) -> Sample:
         oldest = min(e.versions, default=e.version)

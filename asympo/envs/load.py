@@ -28,6 +28,6 @@ def load_env(spec: str, args: dict[str, Any]) -> Callable[[], Any]:
     if missing:
         raise UserError(f"env.name={spec!r}: {attr} is not an environment (no {' or '.join(missing)} method)")
     stop = getattr(probe, "stop", ())
-    if isinstance(stop, str) or not all(isinstance(s, str) and s for s in stop):
+    if not isinstance(stop, list | tuple) or not all(isinstance(s, str) and s for s in stop):
         raise UserError(f"env.name={spec!r}: {attr}.stop must be a list of non-empty strings")
     return lambda: cls(**args)

@@ -94,30 +94,34 @@ class OpenAIEngine:
         budgets: list[int] | None = None,
     ) -> list[Continuation]:
         """Multi-turn episodes, text only: each sequence goes out as token ids (one request each, sent
-        `concurrency` at a time), and the reply's text (with the stop string that ended it, when the server
-        says which in `stop_reason`, as vLLM and `asympo serve` do) is tokenized once, here. Those ids are
-        what the learner trains on; they can differ from the ones the server drew where the text encodes
-        differently (a server that returns only text cannot say)."""
+        `concurrency` at a time), and the reply's text is tokenized once, here. Those ids are what the
+        learner trains on; they can differ from the ones the server drew where the text encodes differently
+        (a server that returns only text cannot say).
+
+        Stop strings are applied here, to the text: servers differ in whether and how they say which stop
+        ended a completion (`stop_reason`, `matched_stop`, nothing), and the environment must see it. The
+        server decodes on to the turn's budget, which costs time, not correctness."""
         if not prompts:
             return []
         model = self.model
         budgets = budgets or [sampling.max_new_tokens] * len(prompts)
         seeds = torch.randint(0, 2**31 - 1, (len(prompts),), generator=generator).tolist()
         payloads = [
-            {"prompt": [ids], "max_tokens": budget, "seed": seed, **({"stop": list(stops)} if stops else {})}
+            {"prompt": [ids], "max_tokens": budget, "seed": seed}
             for ids, budget, seed in zip(prompts, budgets, seeds, strict=True)
         ]
         replies = self._send(lambda i: self._complete(model, [], 1, sampling, 0, payloads[i]), len(prompts))
-        return [self._continuation(reply) for reply in replies]
+        return [self._continuation(reply, stops) for reply in replies]
 
-    def _continuation(self, reply: dict[str, Any]) -> Continuation:
+    def _continuation(self, reply: dict[str, Any], stops: Sequence[str]) -> Continuation:
         choice = reply["choices"][0]
-        text, stop = choice.get("text") or "", choice.get("stop_reason")
+        text = choice.get("text") or ""
         reason = "length" if choice.get("finish_reason") == "length" else "stop"
-        if reason == "stop" and isinstance(stop, str):
-            text += stop  # servers leave the stop string out; the environment reads it
+        ends = [text.find(stop) + len(stop) for stop in stops if stop in text]
+        if ends:  # cut after the first stop string, kept: the environment reads it
+            text, reason = text[: min(ends)], "stop"
         ids = self._ids(text)
-        if reason == "stop" and not isinstance(stop, str) and self.eos_id is not None:
+        if reason == "stop" and not ends and self.eos_id is not None:  # the server stopped at EOS
             ids.append(self.eos_id)
         version = reply.get("policy_version")
         version = version if isinstance(version, int) else self.version

@@ -78,6 +78,11 @@ def check_env(cfg: TrainConfig) -> None:
     if not cfg.env.name:
         return
     load_env(cfg.env.name, cfg.env.args)  # a bad name or arguments: one line, before anything starts
+    if cfg.rollout.overlong_buffer:
+        raise UserError(
+            "rollout.overlong_buffer with env.name: DAPO's overlong shaping is for one response against "
+            "max_new_tokens; an episode's turns each have that cap (set rollout.overlong_buffer=0)"
+        )
 
 
 def check_weight_updates(cfg: TrainConfig) -> None:

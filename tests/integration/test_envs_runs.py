@@ -76,6 +76,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
         (["env.name=calculater"], "env.name='calculater': expected one of 'calculator', 'guess'"),
         (["env.name=guess", "env.args.low=5", "env.args.high=1"], "low (5) must be below high (1)"),
         (["env.name=calculator", "env.step_timeout=0"], "env.step_timeout"),
+        (["env.name=calculator", "rollout.overlong_buffer=4"], "rollout.overlong_buffer with env.name"),
         (["env.max_turns=0"], "env.max_turns"),
     ],
 )

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from asympo.batch import make_batch
-from asympo.config import EnvConfig, SamplingConfig
+from asympo.config import EnvConfig, OpenAIEngineConfig, SamplingConfig
 from asympo.data.tasks import Problem
 from asympo.envs.base import Step, as_step
 from asympo.envs.calculator import Calculator, calculate
@@ -22,6 +22,7 @@ from asympo.metrics import episode_metrics
 from asympo.models.load import load_policy
 from asympo.recompute import BehaviourRecompute
 from asympo.rollout.hf import HFEngine
+from asympo.rollout.openai import OpenAIEngine
 from asympo.rollout.stops import stop_end
 from asympo.snapshots import SnapshotStore
 
@@ -216,6 +217,38 @@ def test_chat_replies_are_the_templates_increment_after_the_models_turn(small_mo
             assert text.endswith("<eos>\n<bos>assistant\n"), text
 
 
+# Like Qwen3's: the last assistant turn keeps an empty think block, which goes once messages follow it
+THINKING = (
+    "{% for m in messages %}<bos>{{ m['role'] }}\n"
+    "{% if m['role'] == 'assistant' and loop.last %}<think>\n\n</think>\n\n{% endif %}"
+    "{{ m['content'] }}<eos>\n{% endfor %}{% if add_generation_prompt %}<bos>assistant\n{% endif %}"
+)
+
+
+def test_a_template_that_rerenders_earlier_turns_still_gives_the_increment(small_model):
+    _, tokenizer = load_policy("tiny")
+    tokenizer.chat_template = THINKING
+    episodes = Episodes(EnvConfig(name="guess", args={"chat": True}, max_turns=2), tokenizer)
+    engine = HFEngine(small_model, tokenizer)
+    samples = [s for g in episodes.run(engine, PROBLEMS[:1], 2, SamplingConfig(max_new_tokens=6)) for s in g]
+    for s in samples:
+        assert not s.extra["env"].get("errors")
+        first = s.model_mask.index(False)
+        reply = tokenizer.decode(s.response_ids[first : s.model_mask.index(True, first)])
+        assert reply.endswith("<eos>\n<bos>assistant\n") and "think" not in reply
+
+
+def test_a_chat_reply_the_template_rejects_costs_the_episode(small_model):
+    _, tokenizer = load_policy("tiny")
+    tokenizer.chat_template = "{{ raise_exception('no') if messages|length > 2 }}" + CHATML
+    episodes = Episodes(EnvConfig(name="guess", args={"chat": True}, max_turns=2), tokenizer)
+    samples = episodes.run(
+        HFEngine(small_model, tokenizer), PROBLEMS[:1], 2, SamplingConfig(max_new_tokens=6)
+    )
+    for s in samples[0]:
+        assert s.extra["env"]["errors"] == 1 and s.reward == 0 and not any(s.model_mask)
+
+
 def test_episodes_of_a_group_share_the_problem_and_seed():
     assert group_seed(PROBLEMS[0]) == group_seed(Problem(PROBLEMS[0].prompt, "other"))
     assert group_seed(PROBLEMS[0]) != group_seed(PROBLEMS[1])
@@ -238,3 +271,14 @@ def test_learner_recomputed_behaviour_logprobs_line_up_with_an_episodes_tokens(c
     assert kept == samples and stats["behaviour_lp_diff_max"] < 1e-2
     assert all(len(s.behaviour_logprobs) == len(s.response_ids) for s in samples)
     make_batch(samples, tokenizer.pad_token_id, "group_norm")  # one row per episode, every token in place
+
+
+def test_a_text_only_turn_is_cut_after_its_stop_string_and_tokenized_once(tokenizer):
+    engine = OpenAIEngine(OpenAIEngineConfig(base_url="http://127.0.0.1:9/v1"), tokenizer, version=3)
+    reply = lambda text, reason: {"choices": [{"text": text, "finish_reason": reason}]}  # noqa: E731
+    cut = engine._continuation(reply("<calc>1+2</calc>7\n", "length"), ["</calc>"])
+    assert tokenizer.decode(cut.ids) == "<calc>1+2</calc>" and cut.finish_reason == "stop"
+    assert cut.versions == [3] * len(cut.ids) and cut.logprobs == [0.0] * len(cut.ids)
+    eos = engine._continuation(reply("42", "stop"), ["</calc>"])  # stopped at EOS: the EOS is kept
+    assert eos.ids == [*tokenizer("42", add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+    assert engine._continuation(reply("4242", "length"), ["</calc>"]).finish_reason == "length"

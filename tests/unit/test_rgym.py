@@ -12,7 +12,7 @@ from asympo.config import EvalConfig, TaskConfig, TrainConfig, build_config
 from asympo.data.source import Task
 from asympo.errors import UserError
 from asympo.rewards.guard import load_reward
-from asympo.rewards.rgym import extracted, reasoning_gym_reward
+from asympo.rewards.rgym import extracted, reasoning_gym_reward, scorer
 
 pytest.importorskip("reasoning_gym")
 TASK = TaskConfig(name="reasoning_gym:basic_arithmetic", size=400, test_size=40, validation_size=30)
@@ -32,7 +32,7 @@ def test_the_splits_never_share_a_problem_and_repeat_for_a_seed():
 
 def test_the_reward_is_the_datasets_own_score_of_the_extracted_answer():
     problem = Task(TASK).held_out()[0]
-    answer = json.loads(problem.answer)["answer"]
+    answer = json.loads(problem.answer)["entry"]["answer"]
     assert reasoning_gym_reward(f"thinking...\n<answer> {answer} </answer>", problem.answer) == 1.0
     assert reasoning_gym_reward(f"so it is\n{answer}\n", problem.answer) == 1.0  # untagged: the last line
     assert reasoning_gym_reward("<answer>12345678</answer>", problem.answer) == 0.0
@@ -67,3 +67,10 @@ def test_without_the_extra_the_error_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "reasoning_gym", None)
     with pytest.raises(UserError, match=r"pip install 'asympo\[reasoning-gym\]'"):
         Task(TASK)
+
+
+def test_the_scorer_is_built_with_the_tasks_options():
+    problem = Task(TASK.model_copy(update={"options": {"max_terms": 2}})).held_out()[0]
+    row = json.loads(problem.answer)
+    assert row["dataset"] == "basic_arithmetic" and row["options"] == {"max_terms": 2}
+    assert scorer("basic_arithmetic", json.dumps({"max_terms": 2})).__self__.config.max_terms == 2
