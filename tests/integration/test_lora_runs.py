@@ -70,6 +70,7 @@ def test_ray_actors_take_the_adapters_alone_and_generate_as_the_merged_model():
     match an in-process engine holding the merged weights."""
     ray = pytest.importorskip("ray")
     from asympo.config import RolloutConfig
+    from asympo.data.tasks import Problem
     from asympo.rollout.hf import HFEngine
     from asympo.runtime.ray_backend import RolloutActor
 
@@ -91,7 +92,8 @@ def test_ray_actors_take_the_adapters_alone_and_generate_as_the_merged_model():
     ray.init("local", num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
         actor = RolloutActor.remote("tiny", rollout, 1, True, "cpu", "fp32", LORA)
-        groups, _, _ = ray.get(actor.generate.remote(prompts, 3, 1, [ray.put(adapters)], 0.0))
+        problems = [Problem(p, "") for p in prompts]
+        groups, _, _ = ray.get(actor.generate.remote(problems, 3, 1, [ray.put(adapters)], 0.0))
     finally:
         ray.shutdown()
     for got, want in zip(groups, expected, strict=True):
