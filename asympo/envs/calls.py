@@ -16,7 +16,6 @@ from typing import Any
 class EnvCalls:
     def __init__(self, timeout: float):
         self.timeout = timeout
-        self.errors = self.timeouts = 0
         self._start()
 
     def _start(self) -> None:
@@ -39,10 +38,6 @@ class EnvCalls:
         try:
             ok, value = reply.get(timeout=self.timeout)
         except queue.Empty:
-            self.timeouts += 1
             self._start()  # the stuck thread keeps its call; the next one gets a new thread
             return "timeout", f"no answer in {self.timeout:g} s"
-        if ok:
-            return None, value
-        self.errors += 1
-        return "error", value
+        return (None, value) if ok else ("error", value)

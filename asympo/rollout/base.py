@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -65,4 +66,16 @@ class RolloutEngine(Protocol):
         self, prompts: list[str], n: int, sampling: SamplingConfig, generator: torch.Generator | None = None
     ) -> list[list[Sample]]:
         """`n` samples for each prompt, returned as one list (group) per prompt."""
+        ...
+
+    def continue_ids(
+        self,
+        prompts: list[list[int]],
+        sampling: SamplingConfig,
+        generator: torch.Generator | None = None,
+        stops: Sequence[str] = (),
+        budgets: list[int] | None = None,
+    ) -> list[Continuation]:
+        """One continuation per token sequence, ending at EOS, after a stop string (kept) or after its
+        `budgets` entry of tokens: a model turn of a multi-turn episode (asympo.envs)."""
         ...

@@ -10,6 +10,19 @@ import subprocess
 import sys
 
 
+def quick_bench(tmp_path, section: str, **env: str) -> dict:
+    """`asympo bench quick=true sections=[section]`, which must succeed; its bench.json."""
+    done = subprocess.run(
+        [sys.executable, "-m", "asympo", "bench", "quick=true", f"sections=[{section}]", f"out={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **env},
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads((tmp_path / "bench.json").read_text())
+
+
 def test_quick_bench_runs_every_part_and_writes_its_table(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "asympo", "bench", "quick=true", f"out={tmp_path}"],
@@ -45,15 +58,7 @@ def test_bench_rejects_an_unknown_section(tmp_path):
 
 
 def test_quick_backends_bench_compares_local_ray_and_a_served_model(tmp_path):
-    done = subprocess.run(
-        [sys.executable, "-m", "asympo", "bench", "quick=true", "sections=[backends]", f"out={tmp_path}"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
-    )
-    assert done.returncode == 0, done.stderr
-    result = json.loads((tmp_path / "bench.json").read_text())
+    result = quick_bench(tmp_path, "backends", RAY_AUTH_MODE="disabled")
     assert set(result["backends"]) == {"local", "ray", "openai"}
     assert all(r["samples_per_s"] > 0 for r in result["backends"].values())
     assert [row["measure"] for row in result["table"]] == [
@@ -63,14 +68,7 @@ def test_quick_backends_bench_compares_local_ray_and_a_served_model(tmp_path):
 
 
 def test_quick_inflight_bench_compares_the_weight_update_settings(tmp_path):
-    done = subprocess.run(
-        [sys.executable, "-m", "asympo", "bench", "quick=true", "sections=[inflight]", f"out={tmp_path}"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr
-    result = json.loads((tmp_path / "bench.json").read_text())
+    result = quick_bench(tmp_path, "inflight")
     assert set(result["inflight"]) == {"tiny", "tiny, decode batch 4"}
     for workload in result["inflight"].values():
         assert set(workload) == {"between_jobs", "keep", "recompute"}
@@ -79,14 +77,7 @@ def test_quick_inflight_bench_compares_the_weight_update_settings(tmp_path):
 
 
 def test_quick_packing_bench_steps_the_same_batch_three_ways(tmp_path):
-    done = subprocess.run(
-        [sys.executable, "-m", "asympo", "bench", "quick=true", "sections=[packing]", f"out={tmp_path}"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr
-    packing = json.loads((tmp_path / "bench.json").read_text())["packing"]
+    packing = quick_bench(tmp_path, "packing")["packing"]
     assert packing["none_pad_share"] < packing["padded_pad_share"]  # cut micro-batches hold less padding
     assert packing["sorted_pad_share"] <= packing["none_pad_share"]
     assert all(packing[f"{n}_tokens_per_s"] > 0 for n in ("padded", "none", "sorted"))
