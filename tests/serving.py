@@ -1,4 +1,6 @@
-"""Test helper: a real `asympo serve` process on loopback, its port read from its first stdout line."""
+"""Test helper: a real `asympo serve` process on loopback, its port read from its first stdout line; or an
+`App` served in this process (`in_process`), as a training run serves its own engine; and SSE streams read
+back as a list of JSON events (`stream`)."""
 
 from __future__ import annotations
 
@@ -11,10 +13,14 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback never goes via a proxy
 LISTENING = re.compile(r"^asympo serve: listening on (http://\S+/v1) ")
@@ -85,3 +91,53 @@ def call(url: str, body: dict | bytes | str | None = None, headers: dict | None 
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
+
+
+def stream(url: str, body: dict, headers: dict | None = None) -> list[dict]:
+    """POST a streaming request; every `data:` event before `[DONE]`, parsed (the stream must end in it)."""
+    headers = {"Content-Type": "application/json", **(headers or {})}
+    request = urllib.request.Request(url, json.dumps(body).encode(), headers, method="POST")
+    events = []
+    with NO_PROXY.open(request, timeout=60) as response:
+        for line in response:
+            line = line.decode().strip()
+            if line == "data: [DONE]":
+                return events
+            if line.startswith("data: "):
+                events.append(json.loads(line.removeprefix("data: ")))
+    raise AssertionError(f"the stream ended without [DONE] after {len(events)} events")
+
+
+@contextmanager
+def in_process(app: Any) -> Iterator[str]:
+    """Serve an `asympo.serve.app.App` on loopback from a thread of this process (what a training run that
+    serves its live engine does); yields the base URL (`.../v1`). The app's engine thread stops after."""
+    import uvicorn  # the `serve` extra
+
+    from asympo.serve.server import AsgiApp, Protocol, bind
+
+    sock = bind("127.0.0.1", 0)
+    sock.listen(64)
+    config = uvicorn.Config(
+        AsgiApp(app),
+        http=Protocol,
+        loop="asyncio",
+        lifespan="off",
+        log_config=None,
+        log_level="error",
+        access_log=False,
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "the in-process server did not start"
+            time.sleep(0.01)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        app.batcher.stop()
+        sock.close()

@@ -115,7 +115,15 @@ class App:
         version: int = 0,
         weights_dir: Path | None = None,
         chat_template: str | None = None,
+        engine: HFEngine | None = None,
     ):
+        """`engine`: serve through this engine (e.g. a training run's live rollout engine, in-process on
+        loopback) instead of one of the app's own: its weights, and its `version` (the `version` and
+        `max_batch` arguments are then unused). `model` and `tokenizer` must be the engine's own. The app
+        decodes under `self.batcher.lock`: other users of the engine hold it too (or load weights through
+        `self.batcher.swap_weights`), so weights change only between batches and no two decodes overlap."""
+        if engine is not None and (engine.model is not model or engine.tokenizer is not tokenizer):
+            raise ValueError("App(engine=...) needs model=engine.model and tokenizer=engine.tokenizer")
         self.model, self.tokenizer = model, tokenizer
         self.served = (served,) if isinstance(served, str) else tuple(served)  # the first is the main name
         self.chat_template = chat_template or getattr(tokenizer, "chat_template", None) or None
@@ -130,7 +138,8 @@ class App:
         # JSON may spell one character as a 12-byte surrogate pair escape; a list of prompts shares the cap.
         self.body_limit = max(MIN_BODY, 12 * self.prompt_chars) + JSON_SLACK
         self.weights_limit = weights.upload_limit(model)
-        engine = HFEngine(model, tokenizer, version=version, return_logprobs=False, max_batch=max_batch)
+        if engine is None:
+            engine = HFEngine(model, tokenizer, version=version, return_logprobs=False, max_batch=max_batch)
         self.batcher = Batcher(engine, seed)
 
     def __repr__(self) -> str:
@@ -235,7 +244,11 @@ class App:
             logprobs = completion_logprobs(tokenizer, scores, request.top)
         # `stop_reason`: the stop string that ended it (vLLM's extension; null for EOS and length)
         choice = {"index": i, "text": head + text, "finish_reason": reason, "logprobs": logprobs}
-        return choice | {"stop_reason": matched}
+        choice["stop_reason"] = matched
+        if request.return_token_ids:  # every id drawn: EOS and the tokens of a cut stop string included
+            choice["prompt_token_ids"] = list(job.prompt_ids[prompt])
+            choice["token_ids"] = list(job.responses[i]) if job.generate else []
+        return choice
 
     def chat_completions(self, req: Request) -> Reply:
         request = parse_chat(json_object(req.body), self.served, self.render_chat)
@@ -254,11 +267,15 @@ class App:
                         _tokens_before(token_texts(tokenizer, response), len(text)) if hit else len(response)
                     )
                     logprobs = chat_logprobs(tokenizer, job.scores[i].head(kept), request.top)
-                choices.append(
-                    {"index": i, "message": message, "finish_reason": reason, "logprobs": logprobs}
-                )
+                choice = {"index": i, "message": message, "finish_reason": reason, "logprobs": logprobs}
+                if request.return_token_ids:  # every id drawn: EOS and the tokens of a cut stop string too
+                    choice["token_ids"] = list(response)
+                choices.append(choice)
         usage = self._usage(usage["prompt_tokens"], job)
-        return 200, self._envelope("chatcmpl", "chat.completion", request.model, choices, usage, job.version)
+        reply = self._envelope("chatcmpl", "chat.completion", request.model, choices, usage, job.version)
+        if request.return_token_ids:  # the rendered conversation's ids, as the engine saw them
+            reply["prompt_token_ids"] = list(job.prompt_ids[0])
+        return 200, reply
 
     @staticmethod
     def _message(text: str, reason: str, request: GenerationRequest) -> tuple[dict[str, Any], str]:
@@ -400,7 +417,12 @@ class App:
         choices = [ChoiceStream(TextStream(request.stops, withhold)) for _ in range(job.sequences)]
         if chat:
             hello = [_delta(i, {"role": "assistant", "content": ""}) for i in range(job.sequences)]
-            yield event(head | {"choices": hello})
+            first = head | {"choices": hello}
+            if request.return_token_ids:  # the prompt's ids once, in the first chunk; no token drawn yet
+                first["prompt_token_ids"] = list(job.prompt_ids[0])
+                for part in hello:
+                    part["token_ids"] = []
+            yield event(first)
         over = False
         while not over and not all(c.reason for c in choices):
             items = [job.stream.get()]
@@ -437,7 +459,9 @@ class App:
         choice: ChoiceStream,
     ) -> dict[str, Any] | None:
         """One choice's part of a chunk: the text that became safe to send, its tokens' log-probs, and at
-        its end the finish reason (and for chat, any tool calls, sent whole). None: nothing new."""
+        its end the finish reason (and for chat, any tool calls, sent whole). None: nothing new.
+        With `return_token_ids`, every part carries the ids drawn since the last one (`token_ids`, sent even
+        while their text is held back), and a completion choice's first part its prompt's ids."""
         if not choice.tokens or choice.sent_end:
             return None
         new, choice.tokens = choice.tokens, []
@@ -462,11 +486,17 @@ class App:
             choice.scored += len(fresh.ids)
             shape = chat_logprobs if chat else completion_logprobs
             logprobs = shape(tokenizer, fresh, request.top)
-        if not piece and reason is None and logprobs is None:
+        ids: dict[str, list[int]] = {}
+        if request.return_token_ids:
+            if not chat and not choice.sent_prompt:
+                ids["prompt_token_ids"] = list(job.prompt_ids[i // job.n])
+                choice.sent_prompt = True
+            ids["token_ids"] = new
+        elif not piece and reason is None and logprobs is None:
             return None
         if not chat:
-            return {"index": i, "text": piece, "finish_reason": reason, "logprobs": logprobs}
-        return _delta(i, ({"content": piece} if piece or not extra else {}) | extra, reason, logprobs)
+            return {"index": i, "text": piece, "finish_reason": reason, "logprobs": logprobs} | ids
+        return _delta(i, ({"content": piece} if piece or not extra else {}) | extra, reason, logprobs) | ids
 
     def _envelope(
         self, prefix: str, kind: str, model: str, choices: list, usage: dict | None, version: int
@@ -492,6 +522,7 @@ class ChoiceStream:
     reason: str | None = None
     sent_end: bool = False
     scored: int = 0
+    sent_prompt: bool = False  # `return_token_ids`: a completion choice's prompt ids have gone out
 
 
 def _delta(

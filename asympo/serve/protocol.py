@@ -1,7 +1,8 @@
 """Request fields of `/v1/completions` and `/v1/chat/completions`, checked the way OpenAI documents them.
 
 Every field a client sends that changes what it gets back is honoured (stop strings, log-probs, echo,
-streaming, token-id prompts, tools) or refused with a 400 that says so, never silently ignored.
+streaming, token-id prompts, tools, vLLM's `return_token_ids`) or refused with a 400 that says so, never
+silently ignored.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ class GenerationRequest:
     include_usage: bool = False  # streaming: a last chunk with the token counts
     tools: list[dict[str, Any]] | None = None  # chat: function tools, given to the chat template
     messages: list[dict[str, Any]] = field(default_factory=list)  # chat: as given to the template
+    # vLLM's extension: the prompt's token ids and every token id drawn, as the engine saw and drew them
+    return_token_ids: bool = False
 
     @property
     def count(self) -> int:
@@ -190,6 +193,7 @@ def parse_completion(body: dict, served: tuple[str, ...]) -> GenerationRequest:
         generate=max_tokens > 0,
         stream=stream,
         include_usage=include_usage,
+        return_token_ids=_flag(body, "return_token_ids"),
     )
 
 
@@ -226,6 +230,7 @@ def parse_chat(
         include_usage=include_usage,
         tools=_tools(body),
         messages=messages,
+        return_token_ids=_flag(body, "return_token_ids"),
     )
     prompt = render(request)
     if not prompt:
