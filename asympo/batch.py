@@ -100,6 +100,91 @@ def micro_batches(batch: TrainBatch, size: int, packing: str = "none") -> list[T
     return [batch.select(torch.tensor(c)).trimmed() for c in chunks]
 
 
+@dataclass
+class Packed:
+    """A micro-batch with several sequences per row (`learner.packing=packed`): each row holds whole
+    sequences back to back, positions restart at each one, and attention stays inside each (a block-diagonal
+    causal mask). Scores come back in the micro-batch's own [B, L-1] layout (`unpack`)."""
+
+    input_ids: torch.Tensor  # [R, C]
+    position_ids: torch.Tensor  # [R, C]
+    attention_mask: torch.Tensor  # [R, 1, C, C] bool: query attends key
+    positions: torch.Tensor  # [R, C-1] bool: the scored columns (the micro-batch's response_mask, moved)
+    rows: torch.Tensor  # the micro-batch row of each scored column, in positions.nonzero() order
+    cols: torch.Tensor  # and its column there
+    shape: tuple[int, int]  # the micro-batch's [B, L-1]
+
+    def to(self, device: torch.device) -> Packed:
+        move = lambda t: t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t  # noqa: E731
+        return Packed(*(move(getattr(self, f)) for f in self.__dataclass_fields__))
+
+    def unpack(self, scores: torch.Tensor) -> torch.Tensor:
+        out = scores.new_zeros(self.shape)
+        out[self.rows, self.cols] = scores[self.positions]
+        return out
+
+
+def pack_rows(lengths: list[int]) -> list[list[int]]:
+    """Sequences into rows as long as the longest, first fit by decreasing length: [[row index, ...], ...]."""
+    capacity = max(lengths)
+    bins: list[list[int]] = []
+    free: list[int] = []
+    for b in sorted(range(len(lengths)), key=lambda b: -lengths[b]):
+        fits = next((i for i, room in enumerate(free) if lengths[b] <= room), None)
+        if fits is None:
+            bins.append([b])
+            free.append(capacity - lengths[b])
+        else:
+            bins[fits].append(b)
+            free[fits] -= lengths[b]
+    return bins
+
+
+def pack(mb: TrainBatch) -> Packed:
+    lengths = mb.attention_mask.sum(-1).tolist()
+    bins = pack_rows(lengths)
+    width = max(lengths)
+    input_ids = torch.zeros(len(bins), width, dtype=mb.input_ids.dtype)
+    position_ids = torch.zeros(len(bins), width, dtype=torch.long)
+    segment = torch.full((len(bins), width), -1)
+    positions = torch.zeros(len(bins), width - 1, dtype=torch.bool)
+    rows, cols = [], []
+    for r, members in enumerate(bins):
+        offset = 0
+        for b in members:
+            n = lengths[b]
+            input_ids[r, offset : offset + n] = mb.input_ids[b, :n]
+            position_ids[r, offset : offset + n] = torch.arange(n)
+            segment[r, offset : offset + n] = b
+            scored = mb.response_mask[b, : n - 1].nonzero()[:, 0]
+            positions[r, offset + scored] = True
+            rows.append(torch.full_like(scored, b))
+            cols.append(scored)
+            offset += n
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    same = segment[:, :, None] == segment[:, None, :]
+    # a padding column attends to itself only: no row of the mask is empty (an empty one gives NaN)
+    alone = (segment < 0)[:, :, None] & torch.eye(width, dtype=torch.bool)
+    mask = (same & (segment >= 0)[:, :, None] & causal) | alone
+    return Packed(
+        input_ids=input_ids,
+        position_ids=position_ids,
+        attention_mask=mask[:, None],
+        positions=positions,
+        rows=torch.cat(rows),
+        cols=torch.cat(cols),
+        shape=tuple(mb.response_mask.shape),
+    )
+
+
+def computed_tokens(mb: TrainBatch, packing: str) -> int:
+    """Token positions the model runs for a micro-batch: padded rows, or packed ones."""
+    if packing != "packed":
+        return mb.attention_mask.numel()
+    lengths = mb.attention_mask.sum(-1).tolist()
+    return len(pack_rows(lengths)) * max(lengths)
+
+
 def minibatches(batch: TrainBatch, count: int) -> list[TrainBatch]:
     """Split into `count` mini-batches of whole groups, as equal in groups as they can be, in group order;
     a batch of fewer groups (dynamic sampling can end short) gives one per group.

@@ -9,9 +9,9 @@ from collections.abc import Callable
 import torch
 from transformers import PreTrainedModel
 
-from asympo.batch import TrainBatch, micro_batches, minibatches
+from asympo.batch import TrainBatch, computed_tokens, micro_batches, minibatches, pack
 from asympo.config import LoraConfig, ObjectiveConfig, OptimConfig
-from asympo.logprobs import token_logprobs, token_logprobs_entropy
+from asympo.logprobs import score_tokens
 from asympo.models.device import CPU_FP32, Placement, engine_copy
 from asympo.models.lora import adapter_weights, apply_lora
 from asympo.models.weights import publishable_weights
@@ -153,7 +153,8 @@ class Learner:
         # Dr.GRPO's constant normaliser: the response cap, else the batch's width (not a micro-batch's)
         max_len = self.max_len if self.max_len is not None else batch.response_mask.shape[1]
         real = [mb.attention_mask for mb, scale in plan if scale]  # a rank's padding micro-batches excluded
-        metrics["computed_tokens"] = float(sum(mask.numel() for mask in real))  # summed across ranks
+        packing = self.optim_cfg.packing
+        metrics["computed_tokens"] = float(sum(computed_tokens(mb, packing) for mb, scale in plan if scale))
         metrics["real_tokens"] = float(sum(mask.sum() for mask in real))
         for mb, scale in plan:
             mb = mb.to(self.placement.device)
@@ -231,16 +232,28 @@ class Learner:
 
     def logprobs(self, mb: TrainBatch, model: torch.nn.Module | None = None) -> torch.Tensor:
         """Float32 log-probs of the response tokens (the policy's, or `model`'s), in the placement's dtype."""
-        with self.placement.autocast():
-            return token_logprobs(
-                model or self.model, mb.input_ids, mb.attention_mask, self.temperature, mb.response_mask
-            )
+        return self._scores(mb, model or self.model, entropy=False)[0]
 
     def score(self, mb: TrainBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The policy's log-probs and, when tracked, its token entropy from the same output-head chunks."""
-        if not self.track_entropy:
-            return self.logprobs(mb), None
+        return self._scores(mb, self.model, entropy=self.track_entropy)
+
+    def _scores(self, mb: TrainBatch, model: torch.nn.Module, entropy: bool):
         with self.placement.autocast():
-            return token_logprobs_entropy(
-                self.model, mb.input_ids, mb.attention_mask, self.temperature, mb.response_mask
+            if self.optim_cfg.packing != "packed":
+                return score_tokens(
+                    model, mb.input_ids, mb.attention_mask, self.temperature, mb.response_mask, entropy
+                )
+            packed = pack(mb.to(torch.device("cpu"))).to(mb.input_ids.device)
+            # flash attention reads the sequences' bounds from the restarting positions (varlen), no mask
+            flash = str(getattr(model.config, "_attn_implementation", "")).startswith("flash")
+            logprobs, entropies = score_tokens(
+                model,
+                packed.input_ids,
+                None if flash else packed.attention_mask,
+                self.temperature,
+                packed.positions,
+                entropy,
+                position_ids=packed.position_ids,
             )
+            return packed.unpack(logprobs), None if entropies is None else packed.unpack(entropies)

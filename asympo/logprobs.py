@@ -171,12 +171,17 @@ def score_tokens(
     temperature: float,
     positions: torch.Tensor | None,
     entropy: bool,
+    position_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs and (with `entropy`) entropies of the scored positions; the one pass behind both."""
+    """Log-probs and (with `entropy`) entropies of the scored positions; the one pass behind both.
+    `position_ids` with a 4D `attention_mask`: several sequences in a row (`asympo.batch.Packed`)."""
     targets = input_ids[:, 1:]
+    extra = {} if position_ids is None else {"position_ids": position_ids}
     if not splits_head(model):
         logits = (
-            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
+            .logits[:, :-1]
+            .float()
         )
         if temperature not in (0.0, 1.0):
             logits = logits / temperature
@@ -188,7 +193,8 @@ def score_tokens(
             ent = ent.masked_fill(~positions, 0.0) if ent is not None else None
         return scored, ent
     decoder = model.get_decoder()
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
+    hidden = out.last_hidden_state
     hidden = hidden[:, :-1]
     if positions is None:
         positions = torch.ones_like(targets, dtype=torch.bool)

@@ -13,7 +13,7 @@ import torch
 from transformers import PreTrainedModel
 
 from asympo.batch import make_batch
-from asympo.learner import token_logprobs
+from asympo.logprobs import token_logprobs
 from asympo.models.device import CPU_FP32, Placement
 from asympo.rollout.base import Sample
 from asympo.snapshots import SnapshotStore

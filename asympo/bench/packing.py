@@ -1,8 +1,9 @@
-"""Padding in the learner: the same long-tailed batch stepped three ways, alternating so noise hits all alike.
+"""Padding in the learner: the same long-tailed batch stepped four ways, alternating so noise hits all alike.
 
 - `padded`: every micro-batch as wide as the batch's longest sequence (asympo before micro-batches were cut);
 - `none`: each micro-batch cut to its own longest sequence, groups in batch order (the default);
-- `sorted` (`optim.packing=sorted`): the same, longest groups first, so similar lengths share a micro-batch.
+- `sorted` (`optim.packing=sorted`): the same, longest groups first, so similar lengths share a micro-batch;
+- `packed` (`optim.packing=packed`): several sequences per row, attention kept inside each.
 
 RL response lengths are long-tailed: most stop early, a few hit the cap. The batch here has groups of 8
 whose responses stop after an eighth to a quarter of the cap, and one group in four with a response at the
@@ -74,6 +75,7 @@ def packing_steps(
             ("padded", PaddedLearner, "none"),
             ("none", Learner, "none"),
             ("sorted", Learner, "sorted"),
+            ("packed", Learner, "packed"),
         )
     }
     shares = {name: learner.step(batch)["pad_share"] for name, learner in learners.items()}
@@ -82,7 +84,7 @@ def packing_steps(
     out = {f"{name}_s": statistics.median(t) for name, t in times.items()}
     out |= {f"{name}_pad_share": share for name, share in shares.items()}
     out |= {f"{name}_tokens_per_s": real / out[f"{name}_s"] for name in learners}
-    for name in ("none", "sorted"):  # each round's own ratio: slow drift in load cancels
+    for name in ("none", "sorted", "packed"):  # each round's own ratio: slow drift in load cancels
         out[f"{name}_speedup"] = statistics.median(
             p / t for p, t in zip(times["padded"], times[name], strict=True)
         )

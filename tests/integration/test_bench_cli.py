@@ -76,8 +76,8 @@ def test_quick_inflight_bench_compares_the_weight_update_settings(tmp_path):
     assert len(result["table"]) == 12  # 3 measures x (keep, recompute) x 2 workloads
 
 
-def test_quick_packing_bench_steps_the_same_batch_three_ways(tmp_path):
+def test_quick_packing_bench_steps_the_same_batch_four_ways(tmp_path):
     packing = quick_bench(tmp_path, "packing")["packing"]
     assert packing["none_pad_share"] < packing["padded_pad_share"]  # cut micro-batches hold less padding
-    assert packing["sorted_pad_share"] <= packing["none_pad_share"]
-    assert all(packing[f"{n}_tokens_per_s"] > 0 for n in ("padded", "none", "sorted"))
+    assert packing["packed_pad_share"] < packing["sorted_pad_share"] <= packing["none_pad_share"]
+    assert all(packing[f"{n}_tokens_per_s"] > 0 for n in ("padded", "none", "sorted", "packed"))

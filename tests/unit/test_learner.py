@@ -6,7 +6,8 @@ import torch
 
 from asympo.batch import make_batch, micro_batches
 from asympo.config import ObjectiveConfig, OptimConfig, SamplingConfig
-from asympo.learner import Learner, token_logprobs
+from asympo.learner import Learner
+from asympo.logprobs import token_logprobs
 from asympo.rollout.hf import HFEngine
 
 

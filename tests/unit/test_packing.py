@@ -1,5 +1,6 @@
-"""Micro-batches cut to their own longest sequence, and `optim.packing=sorted`: the same loss and gradient as
-one padded batch (normalisers are the whole batch's), less padding, groups never split."""
+"""Micro-batches cut to their own longest sequence, `optim.packing=sorted`, and `packed` (several sequences
+per row): the same loss and gradient as one padded batch (normalisers are the whole batch's), less padding,
+groups never split."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import random
 import pytest
 import torch
 
-from asympo.batch import make_batch, micro_batches
+from asympo.batch import computed_tokens, make_batch, micro_batches, pack, pack_rows
 from asympo.config import OBJECTIVE_NAMES, ObjectiveConfig, OptimConfig
 from asympo.learner import Learner
 from asympo.rollout.base import Sample
@@ -54,7 +55,7 @@ NAMES = [n for n in OBJECTIVE_NAMES if n != "m2po"]
 def test_cut_and_sorted_micro_batches_give_the_padded_batchs_loss_and_gradient(small_model, objective):
     batch = make_batch(long_tailed(small_model.config.vocab_size), 0, "group_norm")
     reference, ref_stats = gradients(small_model, batch, objective, 1000, "none")  # one padded micro-batch
-    for packing in ("none", "sorted"):
+    for packing in ("none", "sorted", "packed"):
         grads, stats = gradients(small_model, batch, objective, 4, packing)
         # float32 sums in another order (other micro-batches, other widths): differences of a few ulps
         for a, b in zip(reference, grads, strict=True):
@@ -77,3 +78,32 @@ def test_sorted_micro_batches_hold_whole_groups_and_less_padding(small_model):
     assert share["sorted"] <= share["none"] < padded
     learner = Learner(copy.deepcopy(small_model), ObjectiveConfig(), OptimConfig(micro_batch_size=4))
     assert learner.step(batch)["pad_share"] == pytest.approx(share["none"])
+
+
+def test_packed_rows_hold_whole_sequences_and_score_each_as_if_alone(small_model):
+    batch = make_batch(long_tailed(small_model.config.vocab_size, groups=9), 0, "group_norm")
+    lengths = batch.attention_mask.sum(-1).tolist()
+    bins = pack_rows(lengths)
+    assert sorted(b for row in bins for b in row) == list(range(len(lengths)))
+    assert all(sum(lengths[b] for b in row) <= max(lengths) for row in bins)
+    assert len(bins) < len(lengths)  # the short ones share rows
+    packed = pack(batch)
+    assert packed.input_ids.shape == (len(bins), max(lengths))
+    with torch.no_grad():
+        padded = Learner(small_model, ObjectiveConfig(), OptimConfig(packing="none")).logprobs(batch)
+        rows = Learner(small_model, ObjectiveConfig(), OptimConfig(packing="packed")).logprobs(batch)
+    # the same tokens and positions; only the attention mask's shape differs: float32 rounding
+    torch.testing.assert_close(rows, padded, atol=2e-5, rtol=1e-5)
+    assert bool((rows[~batch.response_mask] == 0).all())
+    assert computed_tokens(batch, "packed") == len(bins) * max(lengths) < computed_tokens(batch, "none")
+
+
+def test_packing_cuts_the_padding_the_learner_reports(small_model):
+    batch = make_batch(long_tailed(small_model.config.vocab_size, groups=9), 0, "group_norm")
+    shares = {
+        packing: Learner(
+            copy.deepcopy(small_model), ObjectiveConfig(), OptimConfig(micro_batch_size=12, packing=packing)
+        ).step(batch)["pad_share"]
+        for packing in ("sorted", "packed")
+    }
+    assert shares["packed"] < shares["sorted"]

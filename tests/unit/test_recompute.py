@@ -10,7 +10,7 @@ import torch
 
 from asympo.batch import make_batch
 from asympo.config import SamplingConfig
-from asympo.learner import token_logprobs
+from asympo.logprobs import token_logprobs
 from asympo.recompute import BehaviourRecompute
 from asympo.rollout.hf import HFEngine
 from asympo.snapshots import SnapshotStore
