@@ -15,7 +15,7 @@ import torch
 from asympo.config import SamplingConfig
 from asympo.data.answers import last_boxed
 from asympo.data.tasks import Problem
-from asympo.envs.episodes import Episodes, generate_groups
+from asympo.envs.episodes import EpisodeRunner, generate_groups
 from asympo.rewards.exact import exact_match
 from asympo.rollout.hf import HFEngine
 
@@ -54,7 +54,7 @@ def tally(
     score: Scorer = score_exact,
     chunk: int = 256,
     advance: Callable[[int], None] = lambda _: None,
-    episodes: Episodes | None = None,
+    episodes: EpisodeRunner | None = None,
 ) -> Tally:
     """With `episodes`, each sample is an environment's episode and its reward the environment's."""
     out = Tally()
@@ -86,7 +86,7 @@ def greedy_accuracy(
     problems: list[Problem],
     max_new_tokens: int,
     score: Scorer = score_exact,
-    episodes: Episodes | None = None,
+    episodes: EpisodeRunner | None = None,
 ) -> float:
     sampling = SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens)
     return sum(tally(engine, problems, 1, sampling, score=score, episodes=episodes).correct) / len(problems)
@@ -111,7 +111,7 @@ def held_out_accuracy(
     sampling: SamplingConfig,
     seed: int = 0,
     score: Scorer = score_exact,
-    episodes: Episodes | None = None,
+    episodes: EpisodeRunner | None = None,
 ) -> dict[str, float]:
     """The headline metric is sampled pass@1 at the training temperature: it is what RL optimises, and it
     moves smoothly. Greedy accuracy of a tiny model jumps by many points between nearby weights, so it is

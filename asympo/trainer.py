@@ -17,7 +17,7 @@ from asympo.data.source import Task
 from asympo.distributed import group
 from asympo.distributed.learner import ShardedLearner
 from asympo.distributed.run import agreed_placement, check_supported, follow
-from asympo.envs.episodes import Episodes
+from asympo.envs.episodes import make_episodes
 from asympo.errors import UserError
 from asympo.evaluate import held_out_accuracy
 from asympo.faults import Interrupted, RunAborted, SkipGuard, StopSignal, StopWaiting
@@ -98,7 +98,7 @@ class Trainer:
         if self.task.skipped:
             self.say(f"skipped {self.task.skipped} bad rows of {cfg.task.name}")
         self.rewards = RewardGuard(cfg.reward, cfg.faults.reward_timeout)
-        self.episodes = Episodes(cfg.env, self.tokenizer) if cfg.env.name else None  # held-out episodes
+        self.episodes = make_episodes(cfg.env, self.tokenizer)  # held-out episodes
         problems = self.task.train(cfg.seed, start=self.state.cursor)
         self.runtime = build_runtime(
             cfg,

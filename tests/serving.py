@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -112,32 +111,10 @@ def stream(url: str, body: dict, headers: dict | None = None) -> list[dict]:
 def in_process(app: Any) -> Iterator[str]:
     """Serve an `asympo.serve.app.App` on loopback from a thread of this process (what a training run that
     serves its live engine does); yields the base URL (`.../v1`). The app's engine thread stops after."""
-    import uvicorn  # the `serve` extra
+    from asympo.serve.server import InProcess  # the `serve` extra
 
-    from asympo.serve.server import AsgiApp, Protocol, bind
-
-    sock = bind("127.0.0.1", 0)
-    sock.listen(64)
-    config = uvicorn.Config(
-        AsgiApp(app),
-        http=Protocol,
-        loop="asyncio",
-        lifespan="off",
-        log_config=None,
-        log_level="error",
-        access_log=False,
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
+    served = InProcess(app)
     try:
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "the in-process server did not start"
-            time.sleep(0.01)
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+        yield served.url
     finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        app.batcher.stop()
-        sock.close()
+        served.close()

@@ -11,7 +11,7 @@ from pathlib import Path
 from asympo.config import EvalConfig, SamplingConfig
 from asympo.data.prompts import Prompter
 from asympo.data.source import Task
-from asympo.envs.episodes import Episodes
+from asympo.envs.episodes import make_episodes
 from asympo.evaluate import greedy_accuracy, sampled_metrics, tally
 from asympo.io import atomic_write_text, ensure_writable_dir
 from asympo.metrics import progress_bar
@@ -31,7 +31,7 @@ def run(cfg: EvalConfig) -> dict:
     task = Task(cfg.task, Prompter(cfg.prompt, tokenizer))
     problems = task.held_out()
     engine = HFEngine(model, tokenizer, return_logprobs=False, max_batch=cfg.max_batch)
-    episodes = Episodes(cfg.env, tokenizer) if cfg.env.name else None  # multi-turn: success, turns
+    episodes = make_episodes(cfg.env, tokenizer)  # multi-turn: success, turns
     sampling = SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens)
     result: dict = {"model": cfg.model, "task": cfg.task.name, "problems": len(problems), "k": cfg.k}
     with RewardGuard(cfg.reward, cfg.reward_timeout) as guard, progress_bar(cfg.progress) as bar:

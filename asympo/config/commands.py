@@ -8,7 +8,7 @@ from pydantic import Field, field_validator, model_validator
 
 from asympo.config.base import Placed, Precision, Strict, check_device_name
 from asympo.config.data import PromptConfig, TaskConfig
-from asympo.config.env import EnvConfig
+from asympo.config.env import EnvConfig, verifiers_env
 from asympo.config.model import TinyModelConfig
 from asympo.config.objective import OBJECTIVE_NAMES
 from asympo.config.train import TrainConfig
@@ -212,6 +212,11 @@ class EvalConfig(Placed):
         """As in train: a reasoning-gym task is scored by its own scorer unless a reward is asked for."""
         if self.task.name.startswith("reasoning_gym:") and self.reward == "exact":  # exact: never a match
             self.reward = "reasoning_gym"
+        return self
+
+    @model_validator(mode="after")
+    def _verifiers_env(self) -> EvalConfig:
+        self.env = verifiers_env(self.task.name, self.task.options, self.env)
         return self
 
 

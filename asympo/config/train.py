@@ -8,7 +8,7 @@ from pydantic import Field, field_validator, model_validator
 
 from asympo.config.base import Placed, Strict, check_device_name
 from asympo.config.data import PromptConfig, TaskConfig
-from asympo.config.env import EnvConfig
+from asympo.config.env import EnvConfig, verifiers_env
 from asympo.config.objective import ObjectiveConfig
 from asympo.config.rollout import RolloutConfig
 
@@ -30,11 +30,13 @@ class OptimConfig(Strict):
     """Gradient-norm clip, the same for every objective so that comparisons stay fair."""
     micro_batch_size: int = Field(128, ge=1)
     """Responses per forward/backward (groups are never split): lower it to save memory, same result."""
-    packing: Literal["none", "sorted"] = "sorted"
+    packing: Literal["none", "sorted", "packed"] = "sorted"
     """How groups fill micro-batches: `sorted` (longest groups together, so short ones are not padded to long
-    ones) or `none` (in batch order). Each micro-batch is padded to its own longest sequence either way; the
-    loss and gradient are the same (normalisers are the whole batch's; m2po's mask is per micro-batch);
-    `pad_share` logs the padding. Measured: 2.09x real tokens/s on a long-tailed SmolLM2 batch."""
+    ones) or `none` (in batch order), each micro-batch padded to its own longest sequence; or `packed`:
+    several sequences per row, back to back, positions restarting and attention kept inside each (a
+    block-diagonal mask; flash attention reads the bounds from the positions). The loss and gradient are the
+    same (normalisers are the whole batch's; m2po's mask is per micro-batch); `pad_share` logs the padding.
+    Measured: `sorted` 2.09x real tokens/s on a long-tailed SmolLM2 batch (docs/performance.md)."""
     minibatches: int = Field(1, ge=1)
     """Optimiser updates per rollout batch, each on an equal share of its groups (verl's ppo_mini_batch_size,
     TRL's steps_per_generation). Each update is a policy version, so one batch advances it this far."""
@@ -200,6 +202,11 @@ class TrainConfig(Placed):
         would compare with the entry's JSON, which no response matches."""
         if self.task.name.startswith("reasoning_gym:") and self.reward == "exact":  # exact: never a match
             self.reward = "reasoning_gym"
+        return self
+
+    @model_validator(mode="after")
+    def _verifiers_env(self) -> TrainConfig:
+        self.env = verifiers_env(self.task.name, self.task.options, self.env)
         return self
 
     @model_validator(mode="after")

@@ -16,20 +16,23 @@ from asympo.data.files import FILE_SUFFIXES, Row, check_rows, raw_rows
 from asympo.data.hub import dataset_records
 from asympo.data.rgym import is_reasoning_gym, reasoning_gym_records
 from asympo.data.tasks import VALIDATION_BUCKET, Problem, bucket, held_out_problems, is_test, train_stream
+from asympo.data.verifiers import is_verifiers, verifiers_records
 from asympo.errors import UserError
 
 
 def _records(cfg: TaskConfig, source: str, split: str):
     if is_reasoning_gym(source):
         return reasoning_gym_records(cfg)
+    if is_verifiers(source):
+        return verifiers_records(cfg)
     path = Path(source).expanduser()
     if path.suffix in FILE_SUFFIXES:
         return raw_rows(path)
     if path.is_dir() or source.count("/") == 1:
         return dataset_records(source, cfg.subset, split)
     raise UserError(
-        f"task '{source}' is not 'arith', a {'/'.join(FILE_SUFFIXES)} file, a dataset folder, a hub id "
-        "or reasoning_gym:<dataset>"
+        f"task '{source}' is not 'arith', a {'/'.join(FILE_SUFFIXES)} file, a dataset folder, a hub id, "
+        "reasoning_gym:<dataset> or verifiers:<module or file.py>"
     )
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -22,6 +22,7 @@ from asympo.envs.calls import EnvCalls
 from asympo.envs.load import load_env
 from asympo.errors import UserError
 from asympo.rollout.base import Continuation, Sample
+from asympo.specs import import_named
 
 # An assistant turn whose content cannot be mistaken: what a template renders after it is the increment that
 # follows a model's turn (its end, the environment's messages, the next assistant header). Earlier turns may
@@ -214,6 +215,40 @@ class Episodes:
         )
 
 
+class EpisodeRunner(Protocol):
+    """What runs a job's episodes: `Episodes` here, or `asympo.integrations.verifiers.VerifiersEpisodes`."""
+
+    def run(
+        self,
+        engine,
+        problems: list[Problem],
+        n: int,
+        sampling: SamplingConfig,
+        generator: torch.Generator | None = None,
+        refresh=None,
+    ) -> list[list[Sample]]: ...
+
+
+# Drivers above this layer, named by import path as any plugin: verifiers' environments run through the
+# OpenAI server, which sits above the environments.
+VERIFIERS_DRIVER = "asympo.integrations.verifiers:VerifiersEpisodes"
+
+
+def make_episodes(cfg: EnvConfig, tokenizer) -> EpisodeRunner | None:
+    """What runs `env.name`'s episodes: nothing (single-turn), asympo's driver, or verifiers'."""
+    if not cfg.name:
+        return None
+    if cfg.name.startswith("verifiers:"):
+        try:
+            import verifiers  # noqa: F401  (the `verifiers` extra)
+        except ImportError:
+            raise UserError(
+                f"task.name={cfg.name}: verifiers is not installed (pip install 'asympo[verifiers]')"
+            ) from None
+        return import_named(f"env.name={cfg.name!r}", VERIFIERS_DRIVER, {}, "Class")(cfg, tokenizer)
+    return Episodes(cfg, tokenizer)
+
+
 def generate_groups(
     engine,
     problems: list[Problem],
@@ -221,7 +256,7 @@ def generate_groups(
     sampling: SamplingConfig,
     generator: torch.Generator | None = None,
     refresh=None,
-    episodes: Episodes | None = None,
+    episodes: EpisodeRunner | None = None,
 ) -> list[list[Sample]]:
     """What a runtime calls for a job: single-turn responses (to be scored by the reward) or, with an
     environment, whole episodes already rewarded by it."""

@@ -9,7 +9,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from asympo.config import TrainConfig
 from asympo.data.tasks import Problem
-from asympo.envs.episodes import Episodes
+from asympo.envs.episodes import make_episodes
 from asympo.envs.load import load_env
 from asympo.errors import UserError
 from asympo.models.device import CPU_FP32, Placement, engine_copy
@@ -67,7 +67,7 @@ def build_runtime(
             max_batch=cfg.rollout.max_batch,
         )
         lag = runtime_lag(cfg.runtime.mode, cfg.runtime.lag)
-        episodes = Episodes(cfg.env, tokenizer) if cfg.env.name else None
+        episodes = make_episodes(cfg.env, tokenizer)
         runtime = LagRuntime(engine, problems, score, cfg.rollout, lag, cfg.seed, episodes)
     runtime.cursor = cursor
     return runtime
@@ -77,11 +77,33 @@ def check_env(cfg: TrainConfig) -> None:
     """A bad environment name or arguments fail here, before any engine or worker starts."""
     if not cfg.env.name:
         return
-    load_env(cfg.env.name, cfg.env.args)  # a bad name or arguments: one line, before anything starts
+    if cfg.env.name.startswith("verifiers:"):
+        check_verifiers(cfg)
+    else:
+        load_env(cfg.env.name, cfg.env.args)  # a bad name or arguments: one line, before anything starts
     if cfg.rollout.overlong_buffer:
         raise UserError(
             "rollout.overlong_buffer with env.name: DAPO's overlong shaping is for one response against "
             "max_new_tokens; an episode's turns each have that cap (set rollout.overlong_buffer=0)"
+        )
+
+
+def check_verifiers(cfg: TrainConfig) -> None:
+    """A verifiers environment's episodes run through an OpenAI server on loopback over asympo's engine,
+    which sends back the token ids it drew but no log-probs: what needs those is refused here."""
+    name = cfg.task.name
+    if cfg.rollout.engine != "hf":
+        raise UserError(
+            f"task.name={name} runs on asympo's engine (rollout.engine=hf), served in-process to the "
+            f"environment; rollout.engine={cfg.rollout.engine} is not served that way yet"
+        )
+    if cfg.rollout.weight_updates == "inflight":
+        raise UserError(f"task.name={name}: rollout.weight_updates=inflight is not built for it")
+    needs = cfg.behaviour.compare or get_objective(cfg.objective.name).needs_behaviour
+    if cfg.behaviour.source == "engine" and needs:
+        raise UserError(
+            f"task.name={name}: objective {cfg.objective.name} needs behaviour log-probs, which the "
+            "environment's server does not send: set behaviour.source=learner or a current-policy objective"
         )
 
 
@@ -197,7 +219,7 @@ def build_remote(
         )
     else:
         engine = openai_engine(cfg, tokenizer, get_objective(cfg.objective.name).needs_behaviour)
-    episodes = Episodes(cfg.env, tokenizer) if cfg.env.name else None
+    episodes = make_episodes(cfg.env, tokenizer)
     if cfg.runtime.mode != "async":
         lag = runtime_lag(cfg.runtime.mode, cfg.runtime.lag)
         return LagRuntime(engine, problems, score, cfg.rollout, lag, cfg.seed, episodes)

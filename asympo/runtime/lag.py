@@ -14,7 +14,7 @@ import torch
 
 from asympo.config import RolloutConfig
 from asympo.data.tasks import Problem
-from asympo.envs.episodes import Episodes, generate_groups
+from asympo.envs.episodes import EpisodeRunner, generate_groups
 from asympo.rollout.base import RolloutEngine, Sample
 from asympo.rollout.hf import HFEngine
 from asympo.runtime.buffer import Scorer, reward_groups
@@ -35,7 +35,7 @@ class LagRuntime:
         rollout: RolloutConfig,
         lag: int,
         seed: int,
-        episodes: Episodes | None = None,
+        episodes: EpisodeRunner | None = None,
     ):
         self.engine, self.problems, self.score, self.episodes = engine, problems, score, episodes
         self.rollout, self.lag, self.seed = rollout, lag, seed

@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 
 from asympo.config import EnvConfig, RolloutConfig
 from asympo.data.tasks import Problem
-from asympo.envs.episodes import Episodes, generate_groups
+from asympo.envs.episodes import generate_groups, make_episodes
 from asympo.faults import RunAborted, StopWaiting
 from asympo.heap import keep_freed_memory
 from asympo.lifetime import exit_with_parent
@@ -93,7 +93,7 @@ def worker_main(jobs, results, shared: SharedWeights, model: str, rollout: Rollo
         max_batch=rollout.max_batch,
         inflight_kv=rollout.inflight_kv,
     )
-    episodes = Episodes(opts["env"], tokenizer) if opts["env"].name else None
+    episodes = make_episodes(opts["env"], tokenizer)
     published: dict[int, float] = {}  # versions loaded and not yet used: their publish times
 
     def refresh() -> bool:

@@ -27,7 +27,7 @@ import torch
 
 from asympo.config import EnvConfig, RolloutConfig
 from asympo.data.tasks import Problem
-from asympo.envs.episodes import Episodes, generate_groups
+from asympo.envs.episodes import generate_groups, make_episodes
 from asympo.errors import UserError
 from asympo.faults import RunAborted, StopWaiting
 from asympo.lifetime import children, reap_when_gone
@@ -87,7 +87,7 @@ class RolloutActor:
             inflight_kv=rollout.inflight_kv,
         )
         self.rollout = rollout
-        self.episodes = Episodes(env, tokenizer) if env is not None and env.name else None
+        self.episodes = make_episodes(env, tokenizer) if env is not None else None
         self.lock = threading.Lock()
         # (version, [ObjectRef], publish wall time): the ref boxed in a list, so Ray does not fetch it
         self.newest: tuple[int, list, float] = (-1, [], 0.0)

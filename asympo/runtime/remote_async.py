@@ -17,7 +17,7 @@ import torch
 
 from asympo.config import RolloutConfig
 from asympo.data.tasks import Problem
-from asympo.envs.episodes import Episodes, generate_groups
+from asympo.envs.episodes import EpisodeRunner, generate_groups
 from asympo.faults import StopWaiting
 from asympo.rollout.base import RolloutEngine, Sample
 from asympo.runtime.buffer import BusyMeter, Scorer, StalenessBuffer, job_seed
@@ -37,7 +37,7 @@ class RemoteAsyncRuntime:
         rollout: RolloutConfig,
         seed: int,
         max_staleness: int = 2,
-        episodes: Episodes | None = None,
+        episodes: EpisodeRunner | None = None,
     ):
         self.engine, self.problems, self.score, self.episodes = engine, problems, score, episodes
         self.rollout, self.seed = rollout, seed

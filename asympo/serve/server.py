@@ -285,6 +285,46 @@ class Protocol(H11Protocol):
             self.transport.close()
 
 
+class InProcess:
+    """`app` served on 127.0.0.1 from a daemon thread of this process: a training run serving its live
+    engine (the verifiers adapter), and the tests. `url` is the base URL (`.../v1`); `close()` stops the
+    server and the app's engine thread."""
+
+    def __init__(self, app: App, start_timeout: float = 30.0):
+        self.app = app
+        self.sock = bind("127.0.0.1", 0)
+        self.sock.listen(BACKLOG)
+        config = uvicorn.Config(
+            AsgiApp(app),
+            http=type("Protocol", (Protocol,), {"header_timeout": HEADER_TIMEOUT}),
+            loop="asyncio",
+            lifespan="off",
+            log_config=None,
+            log_level="error",
+            access_log=False,
+            # longer than a client's own idle expiry (httpx: 5 s), so the client always closes first: a server
+            # closing an idle connection as a client reuses it fails that request (uvicorn's default is 5 s)
+            timeout_keep_alive=int(KEEP_ALIVE),
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, name="asympo-serve", daemon=True
+        )
+        self.thread.start()
+        deadline = time.monotonic() + start_timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the in-process server did not start")
+            time.sleep(0.01)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1"
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.app.batcher.stop()
+        self.sock.close()
+
+
 def h11_reason(status: int) -> str:
     try:
         return HTTPStatus(status).phrase
