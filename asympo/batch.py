@@ -85,12 +85,12 @@ def make_batch(samples: list[Sample], pad_id: int, advantage: str) -> TrainBatch
 
 def micro_batches(batch: TrainBatch, size: int, packing: str = "none") -> list[TrainBatch]:
     """Split into micro-batches of about `size` responses without ever splitting a group, each cut to its own
-    longest sequence; `sorted` takes the groups longest first, so similar lengths share a micro-batch."""
+    longest sequence; `sorted` and `packed` take the groups longest first, so similar lengths share one."""
     lengths = batch.attention_mask.sum(-1)
     groups = [
         (batch.group_ids == gid).nonzero()[:, 0].tolist() for gid in batch.group_ids.unique(sorted=True)
     ]
-    if packing == "sorted":
+    if packing in ("sorted", "packed"):
         groups.sort(key=lambda rows: -int(lengths[rows].max()))  # stable: ties keep batch order
     chunks: list[list[int]] = [[]]
     for rows in groups:
@@ -102,7 +102,7 @@ def micro_batches(batch: TrainBatch, size: int, packing: str = "none") -> list[T
 
 @dataclass
 class Packed:
-    """A micro-batch with several sequences per row (`learner.packing=packed`): each row holds whole
+    """A micro-batch with several sequences per row (`optim.packing=packed`): each row holds whole
     sequences back to back, positions restart at each one, and attention stays inside each (a block-diagonal
     causal mask). Scores come back in the micro-batch's own [B, L-1] layout (`unpack`)."""
 
@@ -124,9 +124,13 @@ class Packed:
         return out
 
 
+ROW_SPAN = 2  # a packed row holds up to twice the longest sequence: attention's cost grows with the row,
+# the rest (most of a small model's) with the tokens, so a longer row packs more and costs little more
+
+
 def pack_rows(lengths: list[int]) -> list[list[int]]:
-    """Sequences into rows as long as the longest, first fit by decreasing length: [[row index, ...], ...]."""
-    capacity = max(lengths)
+    """Sequences into rows of `ROW_SPAN` times the longest, first fit by decreasing length: [[index, ...]]."""
+    capacity = ROW_SPAN * max(lengths)
     bins: list[list[int]] = []
     free: list[int] = []
     for b in sorted(range(len(lengths)), key=lambda b: -lengths[b]):
@@ -143,7 +147,7 @@ def pack_rows(lengths: list[int]) -> list[list[int]]:
 def pack(mb: TrainBatch) -> Packed:
     lengths = mb.attention_mask.sum(-1).tolist()
     bins = pack_rows(lengths)
-    width = max(lengths)
+    width = max(sum(lengths[b] for b in row) for row in bins)
     input_ids = torch.zeros(len(bins), width, dtype=mb.input_ids.dtype)
     position_ids = torch.zeros(len(bins), width, dtype=torch.long)
     segment = torch.full((len(bins), width), -1)
@@ -177,12 +181,26 @@ def pack(mb: TrainBatch) -> Packed:
     )
 
 
-def computed_tokens(mb: TrainBatch, packing: str) -> int:
-    """Token positions the model runs for a micro-batch: padded rows, or packed ones."""
-    if packing != "packed":
-        return mb.attention_mask.numel()
+# Pack a micro-batch only when that runs at most this share of its padded tokens: the mask costs attention
+# its fast causal kernel, which a little padding does not pay for (measured: docs/performance.md).
+PACK_GAIN = 0.8
+
+
+def packed_tokens(mb: TrainBatch) -> int:
     lengths = mb.attention_mask.sum(-1).tolist()
-    return len(pack_rows(lengths)) * max(lengths)
+    bins = pack_rows(lengths)
+    return len(bins) * max(sum(lengths[b] for b in row) for row in bins)
+
+
+def worth_packing(mb: TrainBatch) -> bool:
+    return packed_tokens(mb) <= PACK_GAIN * mb.attention_mask.numel()
+
+
+def computed_tokens(mb: TrainBatch, packing: str) -> int:
+    """Token positions the model runs for a micro-batch: padded rows, or packed ones where that pays."""
+    if packing == "packed" and worth_packing(mb):
+        return packed_tokens(mb)
+    return mb.attention_mask.numel()
 
 
 def minibatches(batch: TrainBatch, count: int) -> list[TrainBatch]:

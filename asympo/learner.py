@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 from transformers import PreTrainedModel
 
-from asympo.batch import TrainBatch, computed_tokens, micro_batches, minibatches, pack
+from asympo.batch import TrainBatch, computed_tokens, micro_batches, minibatches, pack, worth_packing
 from asympo.config import LoraConfig, ObjectiveConfig, OptimConfig
 from asympo.logprobs import score_tokens
 from asympo.models.device import CPU_FP32, Placement, engine_copy
@@ -240,7 +240,7 @@ class Learner:
 
     def _scores(self, mb: TrainBatch, model: torch.nn.Module, entropy: bool):
         with self.placement.autocast():
-            if self.optim_cfg.packing != "packed":
+            if self.optim_cfg.packing != "packed" or not worth_packing(mb):
                 return score_tokens(
                     model, mb.input_ids, mb.attention_mask, self.temperature, mb.response_mask, entropy
                 )
