@@ -219,14 +219,17 @@ def test_a_hanging_reward_times_out_gives_zero_and_the_run_completes(tmp_path, m
 def poison(monkeypatch, calls: set[int]) -> None:
     """Inject NaN into the learner's log-probs on the given scoring forward calls (0-based): the step's
     pass, which also gives the token entropy."""
-    real, count = asympo.learner.token_logprobs_entropy, [-1]
+    real, count = asympo.learner.score_tokens, [-1]
 
-    def token_logprobs_entropy(*args, **kwargs):
-        logprobs, entropy = real(*args, **kwargs)
+    def score_tokens(*args, **kwargs):
+        logprobs, entropies = real(*args, **kwargs)
+        entropy = args[5] if len(args) > 5 else kwargs.get("entropy")
+        if not entropy:  # another pass (a reference's, a proximal policy's): not the step's
+            return logprobs, entropies
         count[0] += 1
-        return (logprobs * float("nan") if count[0] in calls else logprobs), entropy
+        return (logprobs * float("nan") if count[0] in calls else logprobs), entropies
 
-    monkeypatch.setattr(asympo.learner, "token_logprobs_entropy", token_logprobs_entropy)
+    monkeypatch.setattr(asympo.learner, "score_tokens", score_tokens)
 
 
 def test_injected_nan_skips_the_step_and_keeps_the_weights(tmp_path, monkeypatch):
