@@ -108,11 +108,12 @@ def format_validation_error(err: ValidationError) -> str:
     return f"config {where}: {msg} (got {first.get('input')!r}){more}"
 
 
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `update` laid over it, nested mappings merged key by key."""
     merged = dict(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+            merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -142,7 +143,7 @@ def build_config(model: type[Cfg], path: str | Path | None = None, overrides: li
     loaded = load_yaml(path) if path else {}
     if model is EvalConfig:
         loaded = eval_view(loaded)
-    data = _merge(model().model_dump(), loaded)  # so a partial section keeps
+    data = deep_merge(model().model_dump(), loaded)  # so a partial section keeps
     for item in overrides:  # its defaults, even where they differ from the section class's own
         apply_override(data, model, item)
     try:

@@ -41,10 +41,15 @@ def module_id(name: str) -> str:
     folder = str(path.parent)
     if folder not in sys.path:
         sys.path.insert(0, folder)
+    prepend_pythonpath(folder)
+    return path.stem
+
+
+def prepend_pythonpath(folder: str) -> None:
+    """Put `folder` first on the PYTHONPATH the processes started from here inherit (once)."""
     parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     if folder not in parts:
         os.environ["PYTHONPATH"] = os.pathsep.join([folder, *parts])
-    return path.stem
 
 
 def load_taskset(name: str, options: dict[str, Any]):

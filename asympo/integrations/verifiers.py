@@ -30,7 +30,6 @@ import secrets
 import sys
 import threading
 import types
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +42,9 @@ from verifiers.v1.runtimes import ProgramResult
 from verifiers.v1.types import TurnTokens
 
 from asympo.config import EnvConfig, SamplingConfig
+from asympo.config.loading import deep_merge
 from asympo.data.tasks import Problem
-from asympo.data.verifiers import module_id, task_index
+from asympo.data.verifiers import module_id, prepend_pythonpath, task_index
 from asympo.errors import UserError
 from asympo.lifetime import PARENT_ENV
 from asympo.rollout.base import Sample
@@ -193,26 +193,13 @@ _module.ChatHarness, _module.__all__ = ChatHarness, ["ChatHarness"]
 sys.modules.setdefault(_module.__name__, _module)
 
 
-def merged(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = (
-            merged(out[key], value)
-            if isinstance(value, Mapping) and isinstance(out.get(key), dict)
-            else value
-        )
-    return out
-
-
 SITE = Path(__file__).resolve().parent.parent / "assets" / "site"
 
 
 def outlive_nothing() -> None:
     """The processes verifiers starts (tool servers) run in sessions of their own: no signal to this one
     reaches them. A sitecustomize on their PYTHONPATH makes each watch this process and end with it."""
-    parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    if str(SITE) not in parts:
-        os.environ["PYTHONPATH"] = os.pathsep.join([str(SITE), *parts])
+    prepend_pythonpath(str(SITE))
     os.environ[PARENT_ENV] = str(os.getpid())
 
 
@@ -239,7 +226,7 @@ class VerifiersEpisodes:
                 "max_turns": cfg.max_turns,
             },
         }
-        raw = merged(base, cfg.args)
+        raw = deep_merge(base, cfg.args)
         raw["taskset"]["id"] = mid
         try:
             self.env = vf.load_environment(vf.resolve_env_config(raw))
