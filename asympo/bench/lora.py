@@ -1,11 +1,14 @@
-"""LoRA vs full fine-tuning: the memory one learner step adds on top of the loaded model.
+"""LoRA vs full fine-tuning: the memory a learner step adds on top of the loaded model, at the first step
+and at its peak over `steps` (from the second on, full fine-tuning holds AdamW's moments as well).
 
 Each variant runs in a fresh process, spawned one after the other. On the CPU the figure is the process's
 resident-set high-water mark (VmHWM, reset once the model is loaded: loading peaks above what stays)
 minus its resident set at that point (VmRSS): torch's tensors
 are allocated by malloc, which tracemalloc does not see, and the high-water mark counts every page touched,
 gradients, AdamW's moments and activations alike. A fresh process per variant keeps memory the first one
-freed (kept by the allocator, not returned to the system) from hiding the second one's peak. On CUDA it is
+freed (kept by the allocator, not returned to the system) from hiding the second one's peak. The weights
+are read once before the baseline: a safetensors file is mapped, and its pages are resident only once touched
+(SmolLM2's 513 MiB came into the first step's figure before). On CUDA it is
 torch's peak allocated bytes over the step, from the same baseline.
 """
 
@@ -30,8 +33,11 @@ def _status_kib(field: str) -> int:
     return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.M)[1])
 
 
-def _one_step(model_name: str, rank: int, rows: int, length: int, device: str, precision: str, threads: int):
-    """In the child: load, then one learner step (LoRA when rank > 0); the bytes it added at its peak."""
+def _steps(
+    model_name: str, rank: int, rows: int, length: int, device: str, precision: str, threads: int, steps: int
+):
+    """In the child: load, then `steps` learner steps (LoRA when rank > 0); the bytes added at the peak of
+    the first step and of all of them."""
     import peft  # noqa: F401 - before the baseline, in both variants: its modules are no part of a step
 
     torch.set_num_threads(threads)
@@ -46,21 +52,26 @@ def _one_step(model_name: str, rank: int, rows: int, length: int, device: str, p
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:  # loading may have peaked above what stays: reset the high-water mark to the resident set
+        with torch.no_grad():  # weights may be mapped from the file lazily: page them all in first, or
+            for p in model.parameters():  # the first step's reads would count them as its own memory
+                p.sum()
         Path("/proc/self/clear_refs").write_text("5")
         base = _status_kib("VmRSS") * 1024
     lora = LoraConfig(rank=rank) if rank else None
     learner = Learner(
         model, ObjectiveConfig(), OptimConfig(micro_batch_size=rows), placement=placement, lora=lora
     )
-    learner.step(batch)
-    peak = torch.cuda.max_memory_allocated() if cuda else _status_kib("VmHWM") * 1024
+    peaks = []
+    for _ in range(steps):
+        learner.step(batch)
+        peaks.append((torch.cuda.max_memory_allocated() if cuda else _status_kib("VmHWM") * 1024) - base)
     trainable = sum(p.numel() for p in learner.model.parameters() if p.requires_grad)
-    return {"step_bytes": peak - base, "trainable": trainable}
+    return {"step_bytes": peaks[0], "run_bytes": peaks[-1], "trainable": trainable}
 
 
 def _run(args: tuple, out: mp.Queue) -> None:
     exit_with_parent()
-    out.put(_one_step(*args))
+    out.put(_steps(*args))
 
 
 def lora_memory(
@@ -71,23 +82,28 @@ def lora_memory(
     device: str = "cpu",
     precision: str = "fp32",
     threads: int = 2,
+    steps: int = 3,
     say=print,
 ) -> dict:
-    """One learner step's added memory, full fine-tuning vs LoRA of `rank`, each in its own process."""
+    """A learner step's added memory, full fine-tuning vs LoRA of `rank`, each in its own process."""
     ctx = mp.get_context("spawn")
     r = {}
     for name, r_ in (("full", 0), ("lora", rank)):
         queue = ctx.Queue()
         proc = ctx.Process(
-            target=_run, args=((model_name, r_, rows, length, device, precision, threads), queue)
+            target=_run, args=((model_name, r_, rows, length, device, precision, threads, steps), queue)
         )
         proc.start()
         r[name] = queue.get()
         proc.join()
-    r["rank"], r["ratio"] = rank, r["lora"]["step_bytes"] / max(r["full"]["step_bytes"], 1)
+    r["rank"], r["steps"] = rank, steps
+    r["ratio"] = r["lora"]["step_bytes"] / max(r["full"]["step_bytes"], 1)
+    r["run_ratio"] = r["lora"]["run_bytes"] / max(r["full"]["run_bytes"], 1)
+    mib = {k: {m: r[k][m] / 2**20 for m in ("step_bytes", "run_bytes")} for k in ("full", "lora")}
     say(
-        f"lora: {rows} x {length} tokens, one step adds {r['full']['step_bytes'] / 2**20:.0f} MiB full, "
-        f"{r['lora']['step_bytes'] / 2**20:.0f} MiB with rank-{rank} LoRA "
-        f"({r['lora']['trainable']:,} of {r['full']['trainable']:,} parameters trained)"
+        f"lora: {rows} x {length} tokens, the first step adds {mib['full']['step_bytes']:.0f} MiB full, "
+        f"{mib['lora']['step_bytes']:.0f} MiB with rank-{rank} LoRA ({r['ratio']:.2f}x); over {steps} steps "
+        f"{mib['full']['run_bytes']:.0f} and {mib['lora']['run_bytes']:.0f} MiB ({r['run_ratio']:.2f}x); "
+        f"{r['lora']['trainable']:,} of {r['full']['trainable']:,} parameters trained"
     )
     return r

@@ -291,11 +291,16 @@ def bench_engines(cfg: BenchConfig, name: str, model, tokenizer, out: Path, say)
 
 
 def bench_lora(cfg: BenchConfig, name: str, say) -> tuple[dict, list[Row]]:
-    rank = 16
-    shape = (cfg.learner_rows, cfg.learner_length)
-    r = lora_memory(name, *shape, rank, cfg.device, cfg.precision, cfg.threads, say)
-    full, lora = (r[k]["step_bytes"] / 2**20 for k in ("full", "lora"))
-    return r, [row(f"learner step MiB: LoRA r={rank} vs full", lora, full, 0, f"{r['ratio']:.2f}x", "-")]
+    """A short batch (gradients and moments dominate) and the learner bench's batch (activations do)."""
+    rank, out, rows = 16, {}, []
+    for shape in ((1, 64), (cfg.learner_rows, cfg.learner_length)):
+        r = lora_memory(name, *shape, rank, cfg.device, cfg.precision, cfg.threads, say=say)
+        out[f"{shape[0]}x{shape[1]}"] = r
+        for key, ratio, when in (("step_bytes", "ratio", "first step"), ("run_bytes", "run_ratio", "3 steps")):
+            full, lora = (r[k][key] / 2**20 for k in ("full", "lora"))
+            measure = f"learner MiB, {shape[0]} x {shape[1]}, {when}: LoRA r={rank} vs full"
+            rows.append(row(measure, lora, full, 0, f"{r[ratio]:.2f}x", "<= 0.6x" if shape[0] > 1 else "-"))
+    return out, rows
 
 
 def run_bench(cfg: BenchConfig) -> dict:

@@ -46,6 +46,9 @@ def apply_lora(model: torch.nn.Module, cfg) -> torch.nn.Module:
         bias="none",
         task_type="CAUSAL_LM",
     )
+    from asympo.models.lora_linear import InPlaceLinear  # subclasses peft's layer: the `lora` extra
+
+    config._register_custom_module({torch.nn.Linear: InPlaceLinear})  # peft's hook for layers of one's own
     return peft.get_peft_model(model, config)
 
 

@@ -105,6 +105,7 @@ def test_ray_actors_take_the_adapters_alone_and_generate_as_the_merged_model():
 def test_the_bench_measures_one_lora_step_against_full_fine_tuning():
     from asympo.bench.lora import lora_memory
 
-    r = lora_memory("tiny", 2, 16, rank=4, threads=1, say=lambda *_: None)
+    r = lora_memory("tiny", 2, 16, rank=4, threads=1, steps=2, say=lambda *_: None)
     assert r["full"]["step_bytes"] > 0 and r["lora"]["step_bytes"] > 0
+    assert all(r[k]["run_bytes"] >= r[k]["step_bytes"] for k in ("full", "lora"))
     assert 0 < r["lora"]["trainable"] < r["full"]["trainable"]

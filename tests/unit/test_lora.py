@@ -110,3 +110,50 @@ def test_lora_config_keys_and_bounds():
     for bad in ("lora.rank=-1", "lora.alpha=0", "lora.dropout=1"):
         with pytest.raises(UserError):
             build_config(TrainConfig, overrides=[bad])
+
+
+def _loss_and_grads(model: torch.nn.Module, batch, autocast: bool):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    loss = torch.log_softmax(logits.float(), -1).mean()
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return logits.detach(), grads
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
+def test_in_place_adapter_layers_give_peft_outputs_and_gradients(autocast):
+    """asympo's LoRA Linear adds the adapter into the frozen output in place (less activation churn): the
+    logits and every adapter gradient equal peft's own layer, in float32 and under bf16 autocast."""
+    from peft.tuners.lora.layer import Linear
+
+    from asympo.models.lora import apply_lora
+    from asympo.models.lora_linear import InPlaceLinear
+
+    torch.manual_seed(0)
+    base, _ = load_policy("tiny")
+    ours, theirs = copy.deepcopy(base), copy.deepcopy(base)
+    apply_lora(ours, LORA)
+    peft.get_peft_model(theirs, peft.LoraConfig(r=LORA.rank, lora_alpha=LORA.alpha, target_modules="all-linear"))
+    layers = [m for m in ours.modules() if isinstance(m, Linear)]
+    assert layers and all(type(m) is InPlaceLinear for m in layers)
+    assert not any(type(m) is InPlaceLinear for m in theirs.modules())
+    adapters = {k: p for k, p in theirs.named_parameters() if p.requires_grad}
+    with torch.no_grad():  # peft starts B at zero: give B values so the adapters' outputs count
+        for name, p in ours.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+            if p.requires_grad:
+                adapters[name].copy_(p)
+    batch = synthetic_batch(base.config.vocab_size, 4, 12)
+    logits, grads = _loss_and_grads(ours, batch, autocast)
+    logits_peft, grads_peft = _loss_and_grads(theirs, batch, autocast)
+    assert grads.keys() == grads_peft.keys() and len(grads) == 2 * len(layers)
+    # bf16: the two paths round the adapter's sum differently (one addmm against a matmul, a scale, an add),
+    # so a logit may differ by one bf16 step: 1/16 for |logit| < 16
+    tol = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-5, atol=1e-6)
+    logit_tol = dict(rtol=1.6e-2, atol=0.0625) if autocast else tol
+    torch.testing.assert_close(logits.float(), logits_peft.float(), **logit_tol)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, grads_peft[name], **tol, msg=name)
