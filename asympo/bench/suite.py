@@ -296,7 +296,8 @@ def bench_lora(cfg: BenchConfig, name: str, say) -> tuple[dict, list[Row]]:
     for shape in ((1, 64), (cfg.learner_rows, cfg.learner_length)):
         r = lora_memory(name, *shape, rank, cfg.device, cfg.precision, cfg.threads, say=say)
         out[f"{shape[0]}x{shape[1]}"] = r
-        for key, ratio, when in (("step_bytes", "ratio", "first step"), ("run_bytes", "run_ratio", "3 steps")):
+        measures = (("step_bytes", "ratio", "first step"), ("run_bytes", "run_ratio", "3 steps"))
+        for key, ratio, when in measures:
             full, lora = (r[k][key] / 2**20 for k in ("full", "lora"))
             measure = f"learner MiB, {shape[0]} x {shape[1]}, {when}: LoRA r={rank} vs full"
             rows.append(row(measure, lora, full, 0, f"{r[ratio]:.2f}x", "<= 0.6x" if shape[0] > 1 else "-"))

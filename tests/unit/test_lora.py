@@ -135,7 +135,8 @@ def test_in_place_adapter_layers_give_peft_outputs_and_gradients(autocast):
     base, _ = load_policy("tiny")
     ours, theirs = copy.deepcopy(base), copy.deepcopy(base)
     apply_lora(ours, LORA)
-    peft.get_peft_model(theirs, peft.LoraConfig(r=LORA.rank, lora_alpha=LORA.alpha, target_modules="all-linear"))
+    config = peft.LoraConfig(r=LORA.rank, lora_alpha=LORA.alpha, target_modules="all-linear")
+    peft.get_peft_model(theirs, config)
     layers = [m for m in ours.modules() if isinstance(m, Linear)]
     assert layers and all(type(m) is InPlaceLinear for m in layers)
     assert not any(type(m) is InPlaceLinear for m in theirs.modules())
