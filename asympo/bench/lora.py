@@ -22,6 +22,7 @@ import torch
 
 from asympo.batch import synthetic_batch
 from asympo.config import LoraConfig, ObjectiveConfig, OptimConfig
+from asympo.heap import keep_freed_memory
 from asympo.learner import Learner
 from asympo.lifetime import exit_with_parent
 from asympo.models.device import resolve
@@ -71,6 +72,7 @@ def _steps(
 
 def _run(args: tuple, out: mp.Queue) -> None:
     exit_with_parent()
+    keep_freed_memory()  # as in a training run (asympo.cli): the heap's reuse decides the peak
     out.put(_steps(*args))
 
 
