@@ -134,6 +134,14 @@ class LearnerConfig(Strict):
     launcher: Literal["auto", "torchrun", "ray"] = "auto"
     """Who starts ranks 1..N-1: `torchrun` (processes on this machine) or `ray` (actors anywhere on the
     cluster); `auto`: Ray when the rollouts run on Ray actors, else torchrun."""
+    rendezvous_host: str | None = None
+    """Under `launcher=ray`, the address at which the other ranks reach rank 0 (the driver): by default the
+    driver's node address as Ray knows it. Set it where that is not routable from the other nodes (several
+    network interfaces, NAT); gloo's and NCCL's own connections take the interface from GLOO_SOCKET_IFNAME
+    and NCCL_SOCKET_IFNAME."""
+    rendezvous_port: int | None = Field(None, ge=1, le=65535)
+    """Under `launcher=ray`, rank 0's rendezvous port: by default a free one; set one that the cluster's
+    firewall lets through."""
 
 
 class TrainConfig(Placed):

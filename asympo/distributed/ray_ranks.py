@@ -36,9 +36,14 @@ def uses_ray(cfg: TrainConfig) -> bool:
     return launcher == "ray"
 
 
-def free_port() -> int:
+def free_port(port: int | None = None) -> int:
+    """A free port, or `port` (learner.rendezvous_port) if it is free here: rank 0 listens on it."""
     with socket.socket() as s:
-        s.bind(("", 0))
+        try:
+            s.bind(("", port or 0))
+        except OSError as e:
+            why = e.strerror or e
+            raise UserError(f"learner.rendezvous_port={port} cannot be used here: {why}") from None
         return s.getsockname()[1]
 
 
@@ -116,7 +121,8 @@ def train_ray_ranks(cfg: TrainConfig, lead: Callable[[], dict], quiet: bool = Fa
     actors, follows = [], []
     try:
         check_resources(cfg, world - 1, gpus)
-        address, port = ray.util.get_node_ip_address(), free_port()
+        address = cfg.learner.rendezvous_host or ray.util.get_node_ip_address()
+        port = free_port(cfg.learner.rendezvous_port)
         threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
         LearnerRank = _actor_class()
         for rank in range(1, world):
