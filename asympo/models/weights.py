@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -52,3 +53,36 @@ def save_model_atomic(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+ALIGN = 64  # bytes
+
+
+def pack_weights(weights: dict[str, torch.Tensor]) -> tuple[list[tuple], torch.Tensor]:
+    """One contiguous byte buffer holding every tensor, and where each lies (name, dtype, shape, offset): a
+    version as one object for a store that copies per object and pickles per tensor (Ray's: a dict of 311
+    tensors of Qwen3-0.6B went in at 0.7 GB/s and came out at 0.4 GB/s)."""
+    index, offset = [], 0
+    for name, t in weights.items():
+        index.append((name, t.dtype, tuple(t.shape), offset))
+        offset += -(-t.nbytes // ALIGN) * ALIGN  # each tensor on a cache line: views of any dtype are legal
+    buffer = torch.empty(offset, dtype=torch.uint8)
+    for (_, _, _, start), t in zip(index, weights.values(), strict=True):
+        buffer[start : start + t.nbytes].copy_(t.detach().contiguous().reshape(-1).view(torch.uint8))
+    return index, buffer
+
+
+def unpack_weights(index: list[tuple], buffer) -> dict[str, torch.Tensor]:
+    """Views into `buffer` (a uint8 tensor, or an array such as the read-only one Ray maps from its store):
+    no copy is made here; the engine's load copies once, into its model."""
+    if isinstance(buffer, torch.Tensor):
+        data = buffer
+    else:
+        with warnings.catch_warnings():  # read-only memory: only read here, and copied by the engine's load
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+            data = torch.from_numpy(buffer)
+    out = {}
+    for name, dtype, shape, start in index:
+        size = torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
+        out[name] = data[start : start + size].view(dtype).view(shape)
+    return out

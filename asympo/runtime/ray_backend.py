@@ -1,8 +1,9 @@
 """The `async` runtime on Ray (`runtime.backend=ray`): rollout workers are Ray actors, the learner is the
-driver. Each published version goes into the object store once (one `ray.put`); an actor fetches it only
-when its own weights are older. The same bounded-staleness buffer as the local runtime decides what trains.
-Under LoRA (`lora.rank > 0`) each actor wraps its own base with the same adapters, and a version is only the
-adapter tensors (the scaling travels in the LoRA config the actors are built with).
+driver. Each published version goes into the object store once (one `ray.put` of one byte buffer); an actor
+fetches it only when its own weights are older, reads it in place and copies it into its model. The same
+bounded-staleness buffer as the local runtime decides what trains. Under LoRA (`lora.rank > 0`) each actor
+wraps its own base with the same adapters, and a version is only the adapter tensors (the scaling travels in
+the LoRA config the actors are built with).
 
 Joining a cluster (`runtime.ray_address=HOST:PORT`, or the RAY_ADDRESS environment variable): asympo must
 be installed on every node and the model name or path must resolve there. Ray 2.60 clusters use token
@@ -34,6 +35,7 @@ from asympo.lifetime import children, reap_when_gone
 from asympo.models.device import for_engine, resolve
 from asympo.models.load import load_policy
 from asympo.models.lora import apply_lora
+from asympo.models.weights import pack_weights, unpack_weights
 from asympo.rollout.base import Sample
 from asympo.rollout.hf import HFEngine
 from asympo.runtime.buffer import (
@@ -127,7 +129,7 @@ class RolloutActor:
         if version == self.engine.version:
             return False
         first = self.engine.version < 0
-        self.engine.load_weights(ray.get(weights[0]), version)
+        self.engine.load_weights(unpack_weights(*ray.get(weights[0])), version)  # copied out of the store
         if not first:  # the first load waits for the model to load: no publish-to-use latency
             self.published[version] = published_at
         return True
@@ -136,6 +138,13 @@ class RolloutActor:
         with self.lock:
             if version > self.newest[0]:
                 self.newest = (version, weights, published_at)
+
+
+def put_version(weights: dict[str, torch.Tensor]) -> ray.ObjectRef:
+    """A version into the object store as one byte buffer and its index: an actor's `ray.get` maps it as a
+    numpy array, without a copy (a dict of tensors came out at 0.3 GB/s: asympo/bench/publish.py)."""
+    index, buffer = pack_weights(weights)
+    return ray.put((index, buffer.numpy()))
 
 
 def check_reachable(address: str) -> None:
@@ -288,7 +297,7 @@ class RayRuntime:
     def publish(self, version: int, weights: dict[str, torch.Tensor]) -> None:
         """One copy into the object store; the actors get a reference, not the tensors. An actor still
         loading its model gets none: offers queued behind its start would pin every version meanwhile."""
-        self.learner_version, self.weights = version, [ray.put(weights)]
+        self.learner_version, self.weights = version, [put_version(weights)]
         self.published_at = time.time() if self.workers else 0.0  # 0: the initial weights, no latency
         for worker in self.workers:
             if worker.ready:

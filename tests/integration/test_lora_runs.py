@@ -72,7 +72,7 @@ def test_ray_actors_take_the_adapters_alone_and_generate_as_the_merged_model():
     from asympo.config import RolloutConfig
     from asympo.data.tasks import Problem
     from asympo.rollout.hf import HFEngine
-    from asympo.runtime.ray_backend import RolloutActor
+    from asympo.runtime.ray_backend import RolloutActor, put_version
 
     learner = lora_learner()
     one_step(learner)
@@ -93,7 +93,7 @@ def test_ray_actors_take_the_adapters_alone_and_generate_as_the_merged_model():
     try:
         actor = RolloutActor.remote("tiny", rollout, 1, True, "cpu", "fp32", LORA)
         problems = [Problem(p, "") for p in prompts]
-        groups, _, _ = ray.get(actor.generate.remote(problems, 3, 1, [ray.put(adapters)], 0.0))
+        groups, _, _ = ray.get(actor.generate.remote(problems, 3, 1, [put_version(adapters)], 0.0))
     finally:
         ray.shutdown()
     for got, want in zip(groups, expected, strict=True):

@@ -1,0 +1,172 @@
+"""What publishing one version costs, stage by stage, against this machine's memory copy bandwidth.
+
+The local `async` runtime publishes in three copies: the learner's weights into fresh tensors in the engines'
+dtype (`publishable_weights`), those into shared memory (`SharedWeights.publish`), and shared memory into the
+worker's model (`load_state_dict`, timed here on a same-shaped set of tensors). The Ray backend puts the
+version into the object store once (`ray.put`) and each actor fetches and loads it (timed inside an actor on
+this node): as a dict of tensors (`ray_dict_*`, as it was) and packed into one buffer (`ray_*`,
+`asympo.models.weights.pack_weights`, as it is). Each stage is timed on its own, best of `repeats`, and
+given as GB/s of the version's bytes, beside a plain copy of 1 GiB (the machine's copy bandwidth, same run).
+
+Models larger than the ones a test can load are random tensors of their shapes (Qwen3-0.6B and -1.7B, tied
+embeddings, as their configs have it): a copy does not depend on the values.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+
+import torch
+
+from asympo.models.weights import pack_weights, publishable_weights, unpack_weights
+from asympo.runtime.local_async import SharedWeights
+
+# (hidden, intermediate, layers, query heads, key/value heads, head dim, vocab), from the models' configs
+SHAPES = {
+    "qwen3-0.6b": (1024, 3072, 28, 16, 8, 128, 151936),
+    "qwen3-1.7b": (2048, 6144, 28, 16, 8, 128, 151936),
+}
+
+
+def shaped_weights(name: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Random tensors named and shaped as a Qwen3 model's state dict (the tied output head left out)."""
+    hidden, inter, layers, heads, kv, head_dim, vocab = SHAPES[name]
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "self_attn.q_proj.weight": (heads * head_dim, hidden),
+            p + "self_attn.k_proj.weight": (kv * head_dim, hidden),
+            p + "self_attn.v_proj.weight": (kv * head_dim, hidden),
+            p + "self_attn.o_proj.weight": (hidden, heads * head_dim),
+            p + "self_attn.q_norm.weight": (head_dim,),
+            p + "self_attn.k_norm.weight": (head_dim,),
+            p + "mlp.gate_proj.weight": (inter, hidden),
+            p + "mlp.up_proj.weight": (inter, hidden),
+            p + "mlp.down_proj.weight": (hidden, inter),
+            p + "input_layernorm.weight": (hidden,),
+            p + "post_attention_layernorm.weight": (hidden,),
+        }
+    return {k: torch.empty(shape, dtype=dtype).uniform_(-0.05, 0.05) for k, shape in shapes.items()}
+
+
+def best_of(repeats: int, work: Callable[[], object]) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def copy_into(targets: dict[str, torch.Tensor], sources: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, tensor in targets.items():
+            tensor.copy_(sources[name])
+
+
+def local_stages(masters: dict[str, torch.Tensor], dtype: torch.dtype, repeats: int) -> dict[str, float]:
+    """Seconds of each copy the local runtime makes per version, and of one plain copy of as many bytes."""
+    model = torch.nn.Module()  # publishable_weights reads a state dict: give it the masters as parameters
+    for i, t in enumerate(masters.values()):
+        model.register_parameter(f"p{i}", torch.nn.Parameter(t, requires_grad=False))
+    version = publishable_weights(model, dtype)
+    shared = SharedWeights(version, 0)
+    engine = {k: torch.empty_like(t) for k, t in version.items()}
+    return {
+        "bytes": sum(t.nbytes for t in version.values()),
+        "learner_copy": best_of(repeats, lambda: publishable_weights(model, dtype)),
+        "shared_memory": best_of(repeats, lambda: shared.publish(version, 1)),
+        "engine_load": best_of(repeats, lambda: copy_into(engine, shared.tensors)),
+    }
+
+
+def ray_stages(version: dict[str, torch.Tensor], repeats: int) -> dict[str, float]:
+    """`ray.put` of a version in this process, then an actor on this node fetching it and copying it into
+    its own tensors (its load), each timed where it runs."""
+    import ray  # the `ray` extra
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init("local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+
+        @ray.remote(num_cpus=1)
+        class Engine:
+            def __init__(self, shapes: dict):
+                self.tensors = {k: torch.empty(s, dtype=d) for k, (s, d) in shapes.items()}
+
+            def load(self, boxed: list) -> tuple[float, float]:
+                start = time.perf_counter()
+                version = ray.get(boxed[0])
+                if isinstance(version, tuple):  # packed: views into the object store's mapping
+                    version = unpack_weights(*version)
+                fetched = time.perf_counter()
+                copy_into(self.tensors, version)
+                return fetched - start, time.perf_counter() - fetched
+
+        engine = Engine.remote({k: (tuple(t.shape), t.dtype) for k, t in version.items()})
+        out = {}
+        for label, prepare in (
+            ("ray_dict", lambda: version),
+            ("ray", lambda: (lambda index, buffer: (index, buffer.numpy()))(*pack_weights(version))),
+        ):
+            put, fetch, load = [], [], []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                ref = ray.put(prepare())
+                put.append(time.perf_counter() - start)
+                got, loaded = ray.get(engine.load.remote([ref]))
+                fetch.append(got)
+                load.append(loaded)
+                del ref
+            out |= {f"{label}_put": min(put), f"{label}_fetch": min(fetch), f"{label}_load": min(load)}
+        return out
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """GB/s of one plain copy between two buffers of `nbytes` (both touched first), best of `repeats`."""
+    source = torch.ones(nbytes, dtype=torch.uint8)
+    target = torch.zeros_like(source)
+    return nbytes / 1e9 / best_of(repeats, lambda: target.copy_(source))
+
+
+def publish_costs(
+    models: dict[str, tuple[Callable[[torch.dtype], dict[str, torch.Tensor]], bool]],
+    dtypes: list[torch.dtype],
+    repeats: int = 3,
+    ray_up_to: int = 2 << 30,
+    say=print,
+) -> dict:
+    """Each model in each dtype: the stages' seconds and GB/s, and the copy bandwidth. A model's maker
+    gives its weights in a dtype; `True` beside it: float32 masters as a learner holds them (else masters in
+    the publish dtype, for models whose float32 copies would not fit here: then `learner_copy` is a copy, not
+    a cast). Ray runs for versions up to `ray_up_to` bytes (its store and the actor hold two more copies)."""
+    bandwidth = copy_bandwidth()
+    say(f"publish: plain copy of 1 GiB, {bandwidth:.1f} GB/s")
+    rows = []
+    for name, (make, float32_masters) in models.items():
+        for dtype in dtypes:
+            masters = make(torch.float32 if float32_masters else dtype)
+            r = {"model": name, "dtype": str(dtype).removeprefix("torch."), "masters": masters_dtype(masters)}
+            r |= local_stages(masters, dtype, repeats)
+            if r["bytes"] <= ray_up_to and os.environ.get("ASYMPO_BENCH_NO_RAY") != "1":
+                r |= ray_stages({k: t.to(dtype=dtype, copy=True) for k, t in masters.items()}, repeats)
+            del masters
+            gb = r["bytes"] / 1e9
+            r["gb_per_s"] = {k: gb / v for k, v in r.items() if isinstance(v, float)}
+            say(
+                f"publish: {name} {r['dtype']} ({r['masters']} masters), {gb:.2f} GB: "
+                + ", ".join(f"{k} {r[k]:.3f} s ({rate:.1f} GB/s)" for k, rate in r["gb_per_s"].items())
+            )
+            rows.append(r)
+    return {"copy_gb_per_s": bandwidth, "threads": torch.get_num_threads(), "rows": rows}
+
+
+def masters_dtype(masters: dict[str, torch.Tensor]) -> str:
+    return str(next(iter(masters.values())).dtype).removeprefix("torch.")
