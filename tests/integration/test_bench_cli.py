@@ -1,6 +1,7 @@
 """`asympo bench` through the CLI: the quick mode runs every part end to end (its numbers are not checked),
-an unknown section is a clear error, and the backends section compares local, Ray and a served model. The
-learner's FLOP count and synthetic batch: tests/unit/test_bench.py."""
+an unknown section is a clear error, the backends section compares local, Ray and a served model, and the
+publish section times each stage of a publish. The learner's FLOP count and synthetic batch:
+tests/unit/test_bench.py."""
 
 from __future__ import annotations
 
@@ -81,3 +82,13 @@ def test_quick_packing_bench_steps_the_same_batch_four_ways(tmp_path):
     assert packing["none_pad_share"] < packing["padded_pad_share"]  # cut micro-batches hold less padding
     assert packing["packed_pad_share"] < packing["sorted_pad_share"] <= packing["none_pad_share"]
     assert all(packing[f"{n}_tokens_per_s"] > 0 for n in ("padded", "none", "sorted", "packed"))
+
+
+def test_quick_publish_bench_times_every_stage_of_both_paths(tmp_path):
+    publish = quick_bench(tmp_path, "publish")["publish"]
+    assert publish["copy_gb_per_s"] > 0
+    assert [(r["model"], r["dtype"]) for r in publish["rows"]] == [("tiny", "bfloat16"), ("tiny", "float32")]
+    bf16, fp32 = publish["rows"]
+    assert fp32["bytes"] > bf16["bytes"] > 0  # a float32 version is about twice a bf16 one
+    stages = ("learner_copy", "shared_memory", "engine_load", "ray_put", "ray_fetch", "ray_load")
+    assert all(r[s] > 0 and r["gb_per_s"][s] > 0 for r in publish["rows"] for s in stages)
