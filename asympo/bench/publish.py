@@ -8,6 +8,8 @@ this node): as a dict of tensors (`ray_dict_*`, as it was) and packed into one b
 `asympo.models.weights.pack_weights`, as it is). Each stage is timed on its own, best of `repeats`, and
 given as GB/s of the version's bytes, beside a plain copy of 1 GiB (the machine's copy bandwidth, same run).
 
+`delta_*`: runtime.publish=delta after one simulated update (`delta_stages`).
+
 Models larger than the ones a test can load are random tensors of their shapes (Qwen3-0.6B and -1.7B, tied
 embeddings, as their configs have it): a copy does not depend on the values.
 """
@@ -20,7 +22,13 @@ from collections.abc import Callable
 
 import torch
 
-from asympo.models.weights import pack_weights, publishable_weights, unpack_weights
+from asympo.models.weights import (
+    decode_delta,
+    encode_delta,
+    pack_weights,
+    publishable_weights,
+    unpack_weights,
+)
 from asympo.runtime.local_async import SharedWeights
 
 # (hidden, intermediate, layers, query heads, key/value heads, head dim, vocab), from the models' configs
@@ -136,6 +144,27 @@ def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
     return nbytes / 1e9 / best_of(repeats, lambda: target.copy_(source))
 
 
+def delta_stages(
+    masters: dict[str, torch.Tensor], dtype: torch.dtype, repeats: int, lr: float = 1e-6
+) -> dict:
+    """runtime.publish=delta after one update of about `lr` per weight (an Adam step's size; the values do
+    not matter to a copy, but they do to a delta): the driver's XOR and compression, the actor's
+    decompression and XOR (packing the version it holds first, as an actor does), and the delta's size."""
+    g = torch.Generator().manual_seed(0)
+    old = {k: t.to(dtype) for k, t in masters.items()}
+    new = {
+        k: (t.float() - lr * torch.randn(t.shape, generator=g).sign()).to(dtype) for k, t in masters.items()
+    }
+    _, old_buffer = pack_weights(old)
+    _, new_buffer = pack_weights(new)
+    delta = encode_delta(new_buffer, old_buffer)
+    return {
+        "delta_bytes": len(delta),
+        "delta_encode": best_of(repeats, lambda: encode_delta(new_buffer, old_buffer)),
+        "delta_decode": best_of(repeats, lambda: decode_delta(delta, pack_weights(old)[1])),
+    }
+
+
 def publish_costs(
     models: dict[str, tuple[Callable[[torch.dtype], dict[str, torch.Tensor]], bool]],
     dtypes: list[torch.dtype],
@@ -157,9 +186,11 @@ def publish_costs(
             r |= local_stages(masters, dtype, repeats)
             if r["bytes"] <= ray_up_to and os.environ.get("ASYMPO_BENCH_NO_RAY") != "1":
                 r |= ray_stages({k: t.to(dtype=dtype, copy=True) for k, t in masters.items()}, repeats)
+            if r["bytes"] <= ray_up_to:
+                r |= delta_stages(masters, dtype, repeats)
             del masters
             gb = r["bytes"] / 1e9
-            r["gb_per_s"] = {k: gb / v for k, v in r.items() if isinstance(v, float)}
+            r["gb_per_s"] = {k: gb / v for k, v in r.items() if isinstance(v, float)}  # of the whole version
             say(
                 f"publish: {name} {r['dtype']} ({r['masters']} masters), {gb:.2f} GB: "
                 + ", ".join(f"{k} {r[k]:.3f} s ({rate:.1f} GB/s)" for k, rate in r["gb_per_s"].items())

@@ -9,6 +9,7 @@ this machine's matmul peak, async vs sync (training samples/s), and bf16 vs floa
 from __future__ import annotations
 
 import json
+from functools import partial
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -309,8 +310,6 @@ def bench_lora(cfg: BenchConfig, name: str, say) -> tuple[dict, list[Row]]:
 def bench_publish(cfg: BenchConfig, say) -> tuple[dict, list[Row]]:
     """Each publish path's stages for models from the tiny one to Qwen3-1.7B's shapes (quick: tiny alone).
     Qwen3-1.7B runs in bf16 with bf16 masters: its float32 copies would not fit beside the others here."""
-    from functools import partial
-
     def loaded(name: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         ensure_tiny(name)
         model, _ = load_policy(name)
@@ -341,6 +340,18 @@ def bench_publish(cfg: BenchConfig, say) -> tuple[dict, list[Row]]:
                 "-",
             )
         )
+        if "delta_bytes" in x:
+            share = x["delta_bytes"] / x["bytes"]
+            rows.append(
+                row(
+                    f"publish {x['model']} {x['dtype']}: delta MB vs whole MB",
+                    x["delta_bytes"] / 1e6,
+                    x["bytes"] / 1e6,
+                    1,
+                    f"{share:.2f}x",
+                    "-",
+                )
+            )
         if "ray_put" in x:
             ray_s = x["ray_put"] + x["ray_fetch"] + x["ray_load"]
             rows.append(

@@ -75,6 +75,11 @@ class RuntimeConfig(Strict):
     a local Ray."""
     ray_num_cpus: int | None = Field(None, ge=1)
     """Ray: CPUs given to a local Ray; null: all of this machine's."""
+    publish: Literal["full", "delta"] = "full"
+    """Ray: how a version reaches the actors. `delta` also stores the bits that changed since the version
+    before, XORed and zstd-compressed, when that is smaller; an actor holding that version fetches the delta
+    and rebuilds the new one bit for bit, others fetch it whole. Pays where actors sit across a network:
+    a bf16 version barely changes per step."""
     worker_devices: list[str] = []
     """Async: a device per rollout worker, cycled (e.g. `[cuda:1,cuda:2]`); empty: the learner's device (a GPU
     only after a memory check). With Ray, `cuda` means "a GPU", and a GPU learner must set this."""

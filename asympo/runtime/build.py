@@ -46,6 +46,11 @@ def build_runtime(
     engine_logprobs = cfg.behaviour.compare or cfg.behaviour.source == "engine"
     check_weight_updates(cfg)
     check_env(cfg)
+    if cfg.runtime.publish == "delta" and cfg.runtime.backend != "ray":
+        raise UserError(
+            "runtime.publish=delta is for Ray actors (runtime.backend=ray): local workers read each version "
+            "from one copy in shared memory, and remote engines reload whole files"
+        )
     if cfg.runtime.backend == "ray":
         runtime = build_ray(cfg, model, version, problems, score, engine_logprobs, placement)
         runtime.cursor = cursor
@@ -162,7 +167,8 @@ def build_ray(
     if cfg.lora.rank > 0:  # the actors load the base themselves and take the adapters alone
         args = (args[0], adapter_weights(model), *args[2:])
     address, cpus = cfg.runtime.ray_address, cfg.runtime.ray_num_cpus
-    return RayRuntime(*args, address=address, num_cpus=cpus, lora=cfg.lora, env=cfg.env)
+    delta = cfg.runtime.publish == "delta"
+    return RayRuntime(*args, address=address, num_cpus=cpus, lora=cfg.lora, env=cfg.env, delta=delta)
 
 
 def worker_pool_args(

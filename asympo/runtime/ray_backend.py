@@ -14,6 +14,7 @@ found there turns token mode on by itself). Without them Ray reports a failed co
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -35,7 +36,13 @@ from asympo.lifetime import children, reap_when_gone
 from asympo.models.device import for_engine, resolve
 from asympo.models.load import load_policy
 from asympo.models.lora import apply_lora
-from asympo.models.weights import pack_weights, unpack_weights
+from asympo.models.weights import (
+    decode_delta,
+    encode_delta,
+    pack_weights,
+    publishable_weights,
+    unpack_weights,
+)
 from asympo.rollout.base import Sample
 from asympo.rollout.hf import HFEngine
 from asympo.runtime.buffer import (
@@ -94,10 +101,20 @@ class RolloutActor:
         # (version, [ObjectRef], publish wall time): the ref boxed in a list, so Ray does not fetch it
         self.newest: tuple[int, list, float] = (-1, [], 0.0)
         self.published: dict[int, float] = {}  # versions loaded and not yet used: their publish times
+        self.loads = {"whole": 0, "delta": 0}
 
     @ray.method(concurrency_group="control")
     def pid(self) -> int:
         return os.getpid()
+
+    @ray.method(concurrency_group="control")
+    def held(self) -> tuple[int, str, dict[str, int]]:
+        """The engine's version, a SHA-256 of its weights (packed, tied alias left out) and how many
+        versions it loaded whole and from deltas: what a driver can check against what it published. While
+        a job loads a newer version the digest may be of neither: ask when the version is the newest."""
+        version = self.engine.version  # first: a load in progress sets it only once its copy is done
+        _, buffer = pack_weights(publishable_weights(self.engine.model))
+        return version, hashlib.sha256(buffer.numpy().tobytes()).hexdigest(), dict(self.loads)
 
     @ray.method(concurrency_group="control")
     def offer(self, version: int, weights: list, published_at: float) -> None:
@@ -129,10 +146,24 @@ class RolloutActor:
         if version == self.engine.version:
             return False
         first = self.engine.version < 0
-        self.engine.load_weights(unpack_weights(*ray.get(weights[0])), version)  # copied out of the store
+        self.engine.load_weights(self._fetch(weights), version)
         if not first:  # the first load waits for the model to load: no publish-to-use latency
             self.published[version] = published_at
         return True
+
+    def _fetch(self, boxed: list) -> dict[str, torch.Tensor]:
+        """The version's tensors: rebuilt from the delta when this engine holds the version it applies to
+        (`RayRuntime._put`), else views of the whole version in the store (the engine's load copies)."""
+        whole, base, delta = (boxed + [-1, None])[:3]
+        if delta is not None and base == self.engine.version:
+            index, changed = ray.get(delta)
+            state = self.engine.model.state_dict()
+            if all(name in state and state[name].dtype == dtype for name, dtype, *_ in index):
+                _, held = pack_weights({name: state[name] for name, *_ in index})
+                self.loads["delta"] += 1
+                return unpack_weights(index, decode_delta(changed, held))
+        self.loads["whole"] += 1
+        return unpack_weights(*ray.get(whole))
 
     def _note(self, version: int, weights: list, published_at: float) -> None:
         with self.lock:
@@ -140,10 +171,9 @@ class RolloutActor:
                 self.newest = (version, weights, published_at)
 
 
-def put_version(weights: dict[str, torch.Tensor]) -> ray.ObjectRef:
-    """A version into the object store as one byte buffer and its index: an actor's `ray.get` maps it as a
-    numpy array, without a copy (a dict of tensors came out at 0.3 GB/s: asympo/bench/publish.py)."""
-    index, buffer = pack_weights(weights)
+def put_version(index: list[tuple], buffer: torch.Tensor) -> ray.ObjectRef:
+    """A packed version (`pack_weights`) into the object store: an actor's `ray.get` maps it as a numpy
+    array, without a copy (a dict of tensors came out at 0.3 GB/s: asympo/bench/publish.py)."""
     return ray.put((index, buffer.numpy()))
 
 
@@ -228,8 +258,12 @@ class RayRuntime:
         num_cpus: int | None = None,
         lora=None,
         env: EnvConfig | None = None,
+        delta: bool = False,
     ):
         self.model, self.rollout, self.problems, self.score, self.seed = model, rollout, problems, score, seed
+        self.delta = delta  # runtime.publish=delta: also a compressed XOR against the version before
+        self.sent: tuple[int, list, torch.Tensor] | None = None  # that version: number, index, packed bytes
+        self.counts_bytes = {"publish_bytes": 0, "publish_delta_bytes": 0}
         self.env = env
         self.depth, self.max_restarts, self.threads = jobs_per_worker, max_worker_restarts, worker_threads
         self.return_logprobs = return_logprobs
@@ -297,11 +331,27 @@ class RayRuntime:
     def publish(self, version: int, weights: dict[str, torch.Tensor]) -> None:
         """One copy into the object store; the actors get a reference, not the tensors. An actor still
         loading its model gets none: offers queued behind its start would pin every version meanwhile."""
-        self.learner_version, self.weights = version, [put_version(weights)]
+        self.learner_version, self.weights = version, self._put(version, weights)
         self.published_at = time.time() if self.workers else 0.0  # 0: the initial weights, no latency
         for worker in self.workers:
             if worker.ready:
                 worker.actor.offer.remote(version, self.weights, self.published_at)
+
+    def _put(self, version: int, weights: dict[str, torch.Tensor]) -> list:
+        """[the whole version, the version a delta applies to (or -1), the delta (or None)]: refs boxed in
+        a list, so Ray hands them over unfetched."""
+        index, buffer = pack_weights(weights)
+        boxed = [put_version(index, buffer), -1, None]
+        self.counts_bytes["publish_bytes"] = buffer.numel()
+        self.counts_bytes["publish_delta_bytes"] = 0
+        if self.delta and self.sent is not None and self.sent[1] == index and self.sent[0] != version:
+            delta = encode_delta(buffer, self.sent[2])
+            if len(delta) < buffer.numel():
+                boxed[1:] = [self.sent[0], ray.put((index, delta))]
+                self.counts_bytes["publish_delta_bytes"] = len(delta)
+        if self.delta:
+            self.sent = (version, index, buffer)
+        return boxed
 
     def next_batch(self, step: int, attempt: int = 0) -> tuple[list[Sample], dict[str, float]]:
         # attempt > 0: a further round of the same step (dynamic sampling); the buffer's next groups are fresh
@@ -319,7 +369,8 @@ class RayRuntime:
                 self._receive(ref)
         samples = self.buffer.take(self.rollout.prompts_per_step)
         stats = self.meter.stats(entered, len(self.workers)) | self.latency.stats()
-        return samples, stats | {"buffer_groups": len(self.buffer), **self.counts}
+        published = self.counts_bytes if self.delta else {}
+        return samples, stats | {"buffer_groups": len(self.buffer), **self.counts, **published}
 
     def _dispatch(self) -> None:
         """Keep every actor `depth` jobs deep, unless the buffer would overflow its bound."""

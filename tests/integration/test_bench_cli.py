@@ -91,4 +91,6 @@ def test_quick_publish_bench_times_every_stage_of_both_paths(tmp_path):
     bf16, fp32 = publish["rows"]
     assert fp32["bytes"] > bf16["bytes"] > 0  # a float32 version is about twice a bf16 one
     stages = ("learner_copy", "shared_memory", "engine_load", "ray_put", "ray_fetch", "ray_load")
+    stages += ("delta_encode", "delta_decode")
     assert all(r[s] > 0 and r["gb_per_s"][s] > 0 for r in publish["rows"] for s in stages)
+    assert all(0 < r["delta_bytes"] < r["bytes"] for r in publish["rows"])  # an Adam-sized update

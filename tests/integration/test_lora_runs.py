@@ -71,6 +71,7 @@ def test_ray_actors_take_the_adapters_alone_and_generate_as_the_merged_model():
     ray = pytest.importorskip("ray")
     from asympo.config import RolloutConfig
     from asympo.data.tasks import Problem
+    from asympo.models.weights import pack_weights
     from asympo.rollout.hf import HFEngine
     from asympo.runtime.ray_backend import RolloutActor, put_version
 
@@ -93,7 +94,8 @@ def test_ray_actors_take_the_adapters_alone_and_generate_as_the_merged_model():
     try:
         actor = RolloutActor.remote("tiny", rollout, 1, True, "cpu", "fp32", LORA)
         problems = [Problem(p, "") for p in prompts]
-        groups, _, _ = ray.get(actor.generate.remote(problems, 3, 1, [put_version(adapters)], 0.0))
+        version = [put_version(*pack_weights(adapters))]
+        groups, _, _ = ray.get(actor.generate.remote(problems, 3, 1, version, 0.0))
     finally:
         ray.shutdown()
     for got, want in zip(groups, expected, strict=True):

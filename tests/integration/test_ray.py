@@ -6,6 +6,7 @@ written to ~/.ray: the training subprocesses join the test's cluster the way a u
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -17,14 +18,17 @@ from pathlib import Path
 
 import pytest
 import ray
+import torch
 from ray._private.authentication_test_utils import reset_auth_token_state  # Ray's own test helper
 from test_async import train_steps
 
+from asympo.batch import make_batch
 from asympo.config import ObjectiveConfig, OptimConfig, RolloutConfig, TaskConfig
 from asympo.data.tasks import train_stream
 from asympo.faults import RunAborted
 from asympo.learner import Learner
 from asympo.models.load import load_policy
+from asympo.models.weights import pack_weights
 from asympo.rewards.exact import exact_match
 from asympo.runtime.ray_backend import RayRuntime
 from tests.small_runs import read_metrics
@@ -130,6 +134,54 @@ def test_runtime_versions_restart_and_restart_limit(cluster):
         runtime.close()
     assert runtime.cursor >= 9 * ROLLOUT.prompts_per_step
     assert ray.is_initialized()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_delta_publishing_gives_the_actor_the_learners_weights_bit_for_bit(cluster, dtype):
+    """runtime.publish=delta: an actor holding the version before takes the XOR delta and ends with exactly
+    the weights published (a SHA-256 of them); in bf16 the deltas are a fraction of a version."""
+    model, tokenizer = load_policy("tiny")
+    learner = Learner(model, ObjectiveConfig(name="pg"), OptimConfig(lr=1e-4, warmup_steps=0))
+    score = lambda items: [exact_match(text, answer) for text, answer in items]  # noqa: E731
+    precision = "bf16" if dtype == torch.bfloat16 else "fp32"
+    runtime = RayRuntime(
+        "tiny", learner.weights(dtype), 0, train_stream(TaskConfig(), 0), score, ROLLOUT, seed=0,
+        max_staleness=1, precision=precision, delta=True,
+    )  # fmt: skip
+    sizes = []
+    try:
+        for step in range(6):
+            samples, stats = runtime.next_batch(step)
+            if step:
+                sizes.append((stats["publish_delta_bytes"], stats["publish_bytes"]))
+            learner.step(make_batch(samples, tokenizer.pad_token_id, "group_norm"))
+            runtime.publish(learner.version, learner.weights(dtype))
+        runtime.next_batch(6)  # the actor's jobs since the last publish load it
+        deadline = time.monotonic() + 60
+        while (held := ray.get(runtime.workers[0].actor.held.remote()))[0] != learner.version:
+            assert time.monotonic() < deadline, held[:1]
+            runtime.next_batch(7)
+    finally:
+        runtime.close()
+    _, published = pack_weights(learner.weights(dtype))
+    version, digest, loads = held
+    assert digest == hashlib.sha256(published.numpy().tobytes()).hexdigest(), (version, loads, sizes)
+    assert loads["delta"] >= 1 and loads["whole"] >= 1  # the first version comes whole
+    assert all(0 < delta < whole for delta, whole in sizes), sizes
+    if dtype == torch.bfloat16:
+        assert max(delta / whole for delta, whole in sizes) < 0.5, sizes
+
+
+def test_delta_publishing_outside_ray_is_a_one_line_error(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "asympo", "train", "runtime.publish=delta", f"out={tmp_path}", "steps=1"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "asympo: error: runtime.publish=delta is for Ray actors (runtime.backend=ray): local workers read "
+        "each version from one copy in shared memory, and remote engines reload whole files"
+    ]
 
 
 def test_a_sigkilled_actor_mid_run_is_replaced_and_the_run_completes(cluster, tmp_path):

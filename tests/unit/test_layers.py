@@ -20,7 +20,7 @@ PACKAGE = Path(asympo.__file__).parent
 OPTIONAL = {
     "vllm", "ray", "peft", "wandb", "verl", "matplotlib", "datasets", "pyarrow", "uvicorn", "starlette",
     "torch.utils.tensorboard", "asympo.rollout.vllm", "asympo.runtime.ray_backend", "asympo.serve.app",
-    "asympo.serve.server", "reasoning_gym", "verifiers", "asympo.models.lora_linear",
+    "asympo.serve.server", "reasoning_gym", "verifiers", "asympo.models.lora_linear", "zstandard",
 }  # fmt: skip
 
 
