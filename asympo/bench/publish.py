@@ -5,8 +5,9 @@ dtype (`publishable_weights`), those into shared memory (`SharedWeights.publish`
 worker's model (`load_state_dict`, timed here on a same-shaped set of tensors). The Ray backend puts the
 version into the object store once (`ray.put`) and each actor fetches and loads it (timed inside an actor on
 this node): as a dict of tensors (`ray_dict_*`, as it was) and packed into one buffer (`ray_*`,
-`asympo.models.weights.pack_weights`, as it is). Each stage is timed on its own, best of `repeats`, and
-given as GB/s of the version's bytes, beside a plain copy of 1 GiB (the machine's copy bandwidth, same run).
+`asympo.models.weights.pack_weights`, as it is); and packed, by an actor on another node (`ray_far_*`).
+Each stage is timed on its own, best of `repeats`, and given as GB/s of the version's bytes, beside a plain
+copy of 1 GiB (the machine's copy bandwidth, same run).
 
 `delta_*`: runtime.publish=delta after one simulated update (`delta_stages`).
 
@@ -92,14 +93,23 @@ def local_stages(masters: dict[str, torch.Tensor], dtype: torch.dtype, repeats: 
 
 
 def ray_stages(version: dict[str, torch.Tensor], repeats: int) -> dict[str, float]:
-    """`ray.put` of a version in this process, then an actor on this node fetching it and copying it into
-    its own tensors (its load), each timed where it runs."""
+    """`ray.put` of a version in this process, then an actor fetching it and copying it into its own
+    tensors (its load), each timed where it runs: an actor on the driver's node, and one on a second node
+    of the same machine (its own raylet and object store: the version crosses between the two stores as
+    it would between machines, over loopback here). The cluster is started here and stopped after."""
     import ray  # the `ray` extra
+    from ray.cluster_utils import Cluster  # the `ray` extra
 
-    started = not ray.is_initialized()
-    if started:
-        ray.init("local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    store = max(2 * sum(t.nbytes for t in version.values()), 1 << 28)
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "resources": {"near": 1}, "object_store_memory": store,
+                        "include_dashboard": False},
+    )  # fmt: skip
     try:
+        cluster.add_node(num_cpus=1, resources={"far": 1}, object_store_memory=store)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False)
 
         @ray.remote(num_cpus=1)
         class Engine:
@@ -115,11 +125,15 @@ def ray_stages(version: dict[str, torch.Tensor], repeats: int) -> dict[str, floa
                 copy_into(self.tensors, version)
                 return fetched - start, time.perf_counter() - fetched
 
-        engine = Engine.remote({k: (tuple(t.shape), t.dtype) for k, t in version.items()})
+        shapes = {k: (tuple(t.shape), t.dtype) for k, t in version.items()}
+        near = Engine.options(resources={"near": 1}).remote(shapes)
+        far = Engine.options(resources={"far": 1}).remote(shapes)
+        packed = lambda: (lambda index, buffer: (index, buffer.numpy()))(*pack_weights(version))  # noqa: E731
         out = {}
-        for label, prepare in (
-            ("ray_dict", lambda: version),
-            ("ray", lambda: (lambda index, buffer: (index, buffer.numpy()))(*pack_weights(version))),
+        for label, prepare, engine in (
+            ("ray_dict", lambda: version, near),
+            ("ray", packed, near),
+            ("ray_far", packed, far),
         ):
             put, fetch, load = [], [], []
             for _ in range(repeats):
@@ -133,8 +147,8 @@ def ray_stages(version: dict[str, torch.Tensor], repeats: int) -> dict[str, floa
             out |= {f"{label}_put": min(put), f"{label}_fetch": min(fetch), f"{label}_load": min(load)}
         return out
     finally:
-        if started:
-            ray.shutdown()
+        ray.shutdown()
+        cluster.shutdown()
 
 
 def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:

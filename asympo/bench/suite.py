@@ -310,6 +310,7 @@ def bench_lora(cfg: BenchConfig, name: str, say) -> tuple[dict, list[Row]]:
 def bench_publish(cfg: BenchConfig, say) -> tuple[dict, list[Row]]:
     """Each publish path's stages for models from the tiny one to Qwen3-1.7B's shapes (quick: tiny alone).
     Qwen3-1.7B runs in bf16 with bf16 masters: its float32 copies would not fit beside the others here."""
+
     def loaded(name: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         ensure_tiny(name)
         model, _ = load_policy(name)
@@ -349,6 +350,18 @@ def bench_publish(cfg: BenchConfig, say) -> tuple[dict, list[Row]]:
                     x["bytes"] / 1e6,
                     1,
                     f"{share:.2f}x",
+                    "-",
+                )
+            )
+        if "ray_far_put" in x:
+            far_s = x["ray_far_put"] + x["ray_far_fetch"] + x["ray_far_load"]
+            rows.append(
+                row(
+                    f"{label}: Ray, other node",
+                    gb / far_s,
+                    r["copy_gb_per_s"],
+                    2,
+                    f"{gb / far_s / r['copy_gb_per_s']:.2f}x",
                     "-",
                 )
             )
