@@ -1,5 +1,5 @@
 """`asympo bench sections=[engines]` with this environment's vLLM: the throughput row beside asympo's engine,
-and the short learning run with each engine, read back from bench.json."""
+and the short learning run with each engine, read back from bench.json; the publish bench's vLLM leg."""
 
 from __future__ import annotations
 
@@ -37,3 +37,16 @@ def test_the_engines_bench_prints_the_vllm_rows(tmp_path):
     assert any("asympo engine vs vLLM" in m and "tok/s" in m for m in measures)
     assert any("accuracy gain" in m for m in measures)
     assert "vLLM" in done.stdout + done.stderr
+
+
+def test_the_publish_bench_times_a_vllm_file_write_and_reload(tmp_path):
+    """vLLM's publish path through the bench's leg: a version written and reloaded, in bf16 and float32."""
+    import torch
+
+    from asympo.bench.publish import vllm_reload_costs
+
+    rows = vllm_reload_costs("tiny", [torch.bfloat16, torch.float32], sys.executable, 2, tmp_path / "log",
+                             say=lambda *_: None)  # fmt: skip
+    assert [r["dtype"] for r in rows] == ["bfloat16", "float32"]
+    assert rows[1]["bytes"] > rows[0]["bytes"] > 0
+    assert all(r["write"] > 0 and r["reload"] > 0 for r in rows)

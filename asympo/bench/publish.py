@@ -20,9 +20,11 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
+from asympo.bench.engines import VLLMLeg
 from asympo.models.weights import (
     decode_delta,
     encode_delta,
@@ -215,3 +217,31 @@ def publish_costs(
 
 def masters_dtype(masters: dict[str, torch.Tensor]) -> str:
     return str(next(iter(masters.values())).dtype).removeprefix("torch.")
+
+
+def vllm_reload_costs(
+    name: str, dtypes: list[torch.dtype], python: Path, repeats: int, log: Path, say=print
+) -> list[dict]:
+    """vLLM's path (`rollout.engine=vllm`), in its own environment (asympo.bench.vllm_leg): each version
+    written as a safetensors file (to /dev/shm where it has room) and reloaded by vLLM, best of `repeats`."""
+    rows = []
+    for dtype in dtypes:
+        job = {
+            "model": name, "dtype": str(dtype).removeprefix("torch."), "prompts": [[1, 2, 3], [4, 5, 6]],
+            "n": 1, "sampling": {"max_new_tokens": 4}, "batch": 4, "threads": torch.get_num_threads(),
+            "seed": 0, "eager": True,
+        }  # fmt: skip
+        leg = VLLMLeg(python, job, log)
+        try:
+            answers = [leg.ask("reload") for _ in range(repeats)]
+        finally:
+            leg.close()
+        r = {"model": name, "dtype": job["dtype"], "bytes": answers[0]["bytes"]}
+        r |= {stage: min(a[stage] for a in answers) for stage in ("write", "reload")}
+        gb = r["bytes"] / 1e9
+        say(
+            f"publish: vLLM {name} {r['dtype']}, {gb:.2f} GB: write {r['write']:.3f} s "
+            f"({gb / r['write']:.1f} GB/s), reload {r['reload']:.3f} s ({gb / r['reload']:.1f} GB/s)"
+        )
+        rows.append(r)
+    return rows

@@ -22,9 +22,10 @@ from asympo.bench.learner import learner_steps, matmul_peak
 from asympo.bench.lora import lora_memory
 from asympo.bench.packing import packing_steps
 from asympo.bench.precision import decode_precisions, device_description, learner_precisions
-from asympo.bench.publish import publish_costs, shaped_weights
+from asympo.bench.publish import publish_costs, shaped_weights, vllm_reload_costs
 from asympo.bench.runtime import INFLIGHT_VARIANTS, VARIANTS, backend_variants, compare_runtimes, served_tiny
 from asympo.config import BenchConfig
+from asympo.errors import UserError
 from asympo.io import atomic_write_text, ensure_writable_dir
 from asympo.metrics import console
 from asympo.models.device import Placement, engine_copy, resolve
@@ -326,58 +327,43 @@ def bench_publish(cfg: BenchConfig, say) -> tuple[dict, list[Row]]:
             {"qwen3-1.7b": (partial(shaped_weights, "qwen3-1.7b"), False)}, [torch.bfloat16], say=say
         )
         r["rows"] += big["rows"]
+    python = vllm_python(cfg.vllm_python) if not cfg.quick and has_vllm(cfg.vllm_python) else None
+    if python is not None:  # vLLM's path, where its environment is built (./run test-vllm)
+        name = resolve_model(cfg)
+        log = ensure_writable_dir(cfg.out) / "vllm_publish.log"
+        r["vllm"] = vllm_reload_costs(name, [torch.bfloat16, torch.float32], python, 3, log, say=say)
     rows = []
+    copy = r["copy_gb_per_s"]
+    paths = {
+        "local": ("learner_copy", "shared_memory", "engine_load"),
+        "Ray": ("ray_put", "ray_fetch", "ray_load"),
+        "Ray, other node": ("ray_far_put", "ray_far_fetch", "ray_far_load"),
+    }
     for x in r["rows"]:
         gb = x["bytes"] / 1e9
-        local = x["learner_copy"] + x["shared_memory"] + x["engine_load"]
-        label = f"publish {x['model']} {x['dtype']} ({gb:.2f} GB), GB/s vs plain copy"
-        rows.append(
-            row(
-                f"{label}: local",
-                gb / local,
-                r["copy_gb_per_s"],
-                2,
-                f"{gb / local / r['copy_gb_per_s']:.2f}x",
-                "-",
-            )
-        )
+        for path, stages in paths.items():
+            if stages[0] in x:
+                rate = gb / sum(x[stage] for stage in stages)
+                measure = f"publish {x['model']} {x['dtype']} ({gb:.2f} GB), GB/s vs plain copy: {path}"
+                rows.append(row(measure, rate, copy, 2, f"{rate / copy:.2f}x", "-"))
         if "delta_bytes" in x:
-            share = x["delta_bytes"] / x["bytes"]
-            rows.append(
-                row(
-                    f"publish {x['model']} {x['dtype']}: delta MB vs whole MB",
-                    x["delta_bytes"] / 1e6,
-                    x["bytes"] / 1e6,
-                    1,
-                    f"{share:.2f}x",
-                    "-",
-                )
-            )
-        if "ray_far_put" in x:
-            far_s = x["ray_far_put"] + x["ray_far_fetch"] + x["ray_far_load"]
-            rows.append(
-                row(
-                    f"{label}: Ray, other node",
-                    gb / far_s,
-                    r["copy_gb_per_s"],
-                    2,
-                    f"{gb / far_s / r['copy_gb_per_s']:.2f}x",
-                    "-",
-                )
-            )
-        if "ray_put" in x:
-            ray_s = x["ray_put"] + x["ray_fetch"] + x["ray_load"]
-            rows.append(
-                row(
-                    f"{label}: Ray",
-                    gb / ray_s,
-                    r["copy_gb_per_s"],
-                    2,
-                    f"{gb / ray_s / r['copy_gb_per_s']:.2f}x",
-                    "-",
-                )
-            )
+            delta, whole = x["delta_bytes"] / 1e6, x["bytes"] / 1e6
+            measure = f"publish {x['model']} {x['dtype']}: delta MB vs whole MB"
+            rows.append(row(measure, delta, whole, 1, f"{delta / whole:.2f}x", "-"))
+    for x in r.get("vllm", []):
+        gb = x["bytes"] / 1e9
+        rate = gb / (x["write"] + x["reload"])
+        measure = f"publish {x['model']} {x['dtype']} ({gb:.2f} GB), GB/s vs plain copy: vLLM file + reload"
+        rows.append(row(measure, rate, copy, 2, f"{rate / copy:.2f}x", "-"))
     return r, rows
+
+
+def has_vllm(configured: str) -> bool:
+    try:
+        vllm_python(configured)
+    except UserError:
+        return False
+    return True
 
 
 def run_bench(cfg: BenchConfig) -> dict:

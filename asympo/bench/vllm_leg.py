@@ -4,7 +4,9 @@ environment (./.venv-vllm: vLLM's pins clash with asympo's own environment).
 Protocol, one JSON object a line: the parent sends the workload (model, dtype, prompt ids, n, sampling,
 batch, threads); this process starts vLLM (through asympo's adapter, asympo.rollout.vllm), warms it up and
 answers `{"ready": start seconds}`. Each later line `run` generates the whole workload once and answers
-`{"seconds", "useful", "lengths"}`; `quit` (or the end of input) stops it. Only these answers go to stdout.
+`{"seconds", "useful", "lengths"}`; `reload` publishes the model's own weights to vLLM once, as a training
+run's new version, and answers `{"write", "reload", "bytes"}` (seconds to write the file, seconds for vLLM
+to load it); `quit` (or the end of input) stops it. Only these answers go to stdout.
 """
 
 from __future__ import annotations
@@ -52,7 +54,21 @@ def serve(engine, job: dict, out, start: float) -> None:
     engine.generate_ids(prompts[:2], 2, sampling)  # warm-up
     say = lambda obj: print(json.dumps(obj), file=out, flush=True)  # noqa: E731
     say({"ready": time.perf_counter() - start})
+    weights = None
     for line in sys.stdin:
+        if line.strip() == "reload":
+            if weights is None:  # the version a learner would publish: the same model, in the engine's dtype
+                from asympo.models.load import load_policy
+                from asympo.models.weights import publishable_weights
+
+                weights = publishable_weights(load_policy(job["model"])[0], getattr(torch, job["dtype"]))
+            start = time.perf_counter()
+            engine.write(weights)
+            written = time.perf_counter()
+            engine.load_weights(weights, 1, written=True)
+            nbytes = sum(t.nbytes for t in weights.values())
+            say({"write": written - start, "reload": time.perf_counter() - written, "bytes": nbytes})
+            continue
         if line.strip() != "run":
             break
         start = time.perf_counter()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -19,7 +18,6 @@ from pathlib import Path
 import pytest
 import ray
 import torch
-from ray._private.authentication_test_utils import reset_auth_token_state  # Ray's own test helper
 from test_async import train_steps
 
 from asympo.batch import make_batch
@@ -31,9 +29,9 @@ from asympo.models.load import load_policy
 from asympo.models.weights import pack_weights
 from asympo.rewards.exact import exact_match
 from asympo.runtime.ray_backend import RayRuntime
+from tests.ray_auth import AUTH, token_auth
 from tests.small_runs import read_metrics
 
-AUTH = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
 ROLLOUT = RolloutConfig(prompts_per_step=4, group_size=4, max_new_tokens=6)
 TRAIN = [sys.executable, "-m", "asympo", "train", "runtime.backend=ray", "eval_every=0", "progress=false"]
 SMALL_RUN = [*TRAIN, "save_model=false", "checkpoint_every=0"]
@@ -42,20 +40,12 @@ SMALL_RUN = [*TRAIN, "save_model=false", "checkpoint_every=0"]
 @pytest.fixture(scope="module")
 def cluster():
     """One local Ray for the module (~5 s, ~350 MB); yields its address."""
-    saved = {k: os.environ.get(k) for k in AUTH}
-    os.environ.update(AUTH)
-    reset_auth_token_state()  # Ray read RAY_AUTH_* when it was imported: make it read them again
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        yield ray.get_runtime_context().gcs_address
-    finally:
-        ray.shutdown()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        reset_auth_token_state()
+    with token_auth():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            yield ray.get_runtime_context().gcs_address
+        finally:
+            ray.shutdown()
 
 
 def train_cli(out: Path, *overrides: str, wait: bool = True):
