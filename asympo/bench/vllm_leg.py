@@ -19,6 +19,8 @@ import time
 import torch
 
 from asympo.config import SamplingConfig
+from asympo.models.load import load_policy
+from asympo.models.weights import publishable_weights
 
 
 def main() -> int:
@@ -58,9 +60,6 @@ def serve(engine, job: dict, out, start: float) -> None:
     for line in sys.stdin:
         if line.strip() == "reload":
             if weights is None:  # the version a learner would publish: the same model, in the engine's dtype
-                from asympo.models.load import load_policy
-                from asympo.models.weights import publishable_weights
-
                 weights = publishable_weights(load_policy(job["model"])[0], getattr(torch, job["dtype"]))
             start = time.perf_counter()
             engine.write(weights)
