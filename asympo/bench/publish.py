@@ -17,7 +17,6 @@ embeddings, as their configs have it): a copy does not depend on the values.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -200,7 +199,7 @@ def publish_costs(
             masters = make(torch.float32 if float32_masters else dtype)
             r = {"model": name, "dtype": str(dtype).removeprefix("torch."), "masters": masters_dtype(masters)}
             r |= local_stages(masters, dtype, repeats)
-            if r["bytes"] <= ray_up_to and os.environ.get("ASYMPO_BENCH_NO_RAY") != "1":
+            if r["bytes"] <= ray_up_to:
                 r |= ray_stages({k: t.to(dtype=dtype, copy=True) for k, t in masters.items()}, repeats)
             if r["bytes"] <= ray_up_to:
                 r |= delta_stages(masters, dtype, repeats)
