@@ -114,6 +114,36 @@ def test_a_weight_update_changes_outputs_version_and_logprobs(engine, tiny):
     assert [[s.response_ids for s in g] for g in restored] == [[s.response_ids for s in g] for g in before]
 
 
+def test_a_partial_reload_loads_the_changing_blocks_and_keeps_the_rest(engine, tiny):
+    """With `changing` (what LoRA sets), only the blocks of the changing weights are written and reloaded.
+    One q_proj changes: vLLM fuses q, k and v, so their block goes whole, and k and v must come through
+    intact; an embedding changed outside `changing` must not reach vLLM."""
+    from asympo.models.weights import publishable_weights
+    from asympo.rollout.vllm import changing_weights
+
+    model, _ = tiny
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=8)
+    original = publishable_weights(model)
+    adapted = {"model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.up_proj.weight"}
+    engine.changing = changing_weights(adapted, original)
+    assert "model.layers.0.self_attn.k_proj.weight" in engine.changing
+    assert "model.layers.0.mlp.up_proj.weight" not in engine.changing
+    try:
+        changed = {k: v * 1.5 if k in adapted else v for k, v in original.items()}
+        model.load_state_dict(changed, strict=False)
+        flipped = {k: v.flip(0) if "embed_tokens" in k else v for k, v in changed.items()}
+        engine.load_weights(flipped, 4)  # the flipped embedding is not in `changing`: vLLM keeps its own
+        assert {p.name for p in engine.update_folder.iterdir()} == {"config.json", "model.safetensors"}
+        after = engine.generate(PROMPTS, 2, sampling, torch.Generator().manual_seed(1))
+        assert worst_difference(model, after, 1.0, engine.banned) < TOLERANCE
+    finally:
+        model.load_state_dict(original, strict=False)
+        engine.load_weights(original, 3)
+        engine.changing = None
+    again = engine.generate(PROMPTS, 2, sampling, torch.Generator().manual_seed(1))
+    assert worst_difference(model, again, 1.0, engine.banned) < TOLERANCE
+
+
 def test_a_misconfigured_engine_is_a_user_error(tiny):
     """vLLM's own checks fail before its engine process starts: one line, with vLLM's reason."""
     with pytest.raises(UserError, match="vLLM could not start the policy: .*max_model_len"):

@@ -231,16 +231,20 @@ def vllm_reload_costs(
             "seed": 0, "eager": True,
         }  # fmt: skip
         leg = VLLMLeg(python, job, log)
-        try:
-            answers = [leg.ask("reload") for _ in range(repeats)]
+        try:  # alternating: the whole version, then only what LoRA on every linear layer changes
+            answers = [[leg.ask(line) for line in ("reload", "reload lora")] for _ in range(repeats)]
         finally:
             leg.close()
-        r = {"model": name, "dtype": job["dtype"], "bytes": answers[0]["bytes"]}
-        r |= {stage: min(a[stage] for a in answers) for stage in ("write", "reload")}
-        gb = r["bytes"] / 1e9
-        say(
-            f"publish: vLLM {name} {r['dtype']}, {gb:.2f} GB: write {r['write']:.3f} s "
-            f"({gb / r['write']:.1f} GB/s), reload {r['reload']:.3f} s ({gb / r['reload']:.1f} GB/s)"
-        )
+        r = {"model": name, "dtype": job["dtype"]}
+        for i, prefix in enumerate(("", "lora_")):
+            r[f"{prefix}bytes"] = answers[0][i]["bytes"]
+            r |= {f"{prefix}{stage}": min(a[i][stage] for a in answers) for stage in ("write", "reload")}
+        for prefix, what in (("", "whole version"), ("lora_", "LoRA's blocks")):
+            gb = r[f"{prefix}bytes"] / 1e9
+            write, reload = r[f"{prefix}write"], r[f"{prefix}reload"]
+            say(
+                f"publish: vLLM {name} {r['dtype']}, {what}, {gb:.2f} GB: write {write:.3f} s "
+                f"({gb / write:.1f} GB/s), reload {reload:.3f} s ({gb / reload:.1f} GB/s)"
+            )
         rows.append(r)
     return rows

@@ -6,7 +6,9 @@ batch, threads); this process starts vLLM (through asympo's adapter, asympo.roll
 answers `{"ready": start seconds}`. Each later line `run` generates the whole workload once and answers
 `{"seconds", "useful", "lengths"}`; `reload` publishes the model's own weights to vLLM once, as a training
 run's new version, and answers `{"write", "reload", "bytes"}` (seconds to write the file, seconds for vLLM
-to load it); `quit` (or the end of input) stops it. Only these answers go to stdout.
+to load it); `reload lora` does the same as under LoRA on every linear layer (peft's `all-linear`: all but
+the output head), where only the adapted blocks are written; `quit` (or the end of input) stops it. Only
+these answers go to stdout.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 from asympo.config import SamplingConfig
 from asympo.models.load import load_policy
 from asympo.models.weights import publishable_weights
+from asympo.rollout.vllm import VLLMEngine, changing_weights
 
 
 def main() -> int:
@@ -32,8 +35,6 @@ def main() -> int:
     sys.stdout.flush()
     out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
-
-    from asympo.rollout.vllm import VLLMEngine  # the `vllm` extra, after the redirect: its prints go to 2
 
     start = time.perf_counter()
     engine = VLLMEngine(
@@ -56,16 +57,20 @@ def serve(engine, job: dict, out, start: float) -> None:
     engine.generate_ids(prompts[:2], 2, sampling)  # warm-up
     say = lambda obj: print(json.dumps(obj), file=out, flush=True)  # noqa: E731
     say({"ready": time.perf_counter() - start})
-    weights = None
+    weights = linear = None
     for line in sys.stdin:
-        if line.strip() == "reload":
+        if line.split()[:1] == ["reload"]:
             if weights is None:  # the version a learner would publish: the same model, in the engine's dtype
-                weights = publishable_weights(load_policy(job["model"])[0], getattr(torch, job["dtype"]))
+                model = load_policy(job["model"])[0]
+                weights = publishable_weights(model, getattr(torch, job["dtype"]))
+                linear = {f"{name}.weight" for name, m in model.named_modules() if type(m) is torch.nn.Linear}
+                linear = changing_weights(linear - {"lm_head.weight"}, weights)
+            engine.changing = linear if line.split()[1:] == ["lora"] else None
             start = time.perf_counter()
-            engine.write(weights)
+            engine.write(weights, engine.update_folder)
             written = time.perf_counter()
             engine.load_weights(weights, 1, written=True)
-            nbytes = sum(t.nbytes for t in weights.values())
+            nbytes = sum(t.nbytes for n, t in weights.items() if engine.changing is None or n in linear)
             say({"write": written - start, "reload": time.perf_counter() - written, "bytes": nbytes})
             continue
         if line.strip() != "run":

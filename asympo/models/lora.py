@@ -63,6 +63,11 @@ def _lora_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return {name: m for name, m in _unwrapped(model).named_modules() if isinstance(m, LoraLayer)}
 
 
+def adapted_weights(model: torch.nn.Module) -> set[str]:
+    """The plain names of the weights LoRA changes from one version to the next: the adapted layers'."""
+    return {f"{name}.weight" for name in _lora_layers(model)}
+
+
 def plain_name(name: str) -> str | None:
     """A state-dict name without peft's layers: `q_proj.base_layer.weight` is `q_proj.weight`; an adapter
     tensor (`q_proj.lora_A.default.weight`) has no plain name."""

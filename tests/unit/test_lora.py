@@ -93,6 +93,27 @@ def test_engine_copies_are_plain_and_hold_the_merged_weights():
     assert any(".lora_" in k for k in learner.model.state_dict())
 
 
+def test_a_step_changes_only_the_adapted_weights_and_vllm_writes_their_blocks():
+    """What vLLM's engine writes per version under LoRA: the adapted layers' weights change and nothing
+    else does; their blocks (every weight of each adapted layer's parent) are what it writes."""
+    from asympo.models.lora import adapted_weights
+    from asympo.rollout.vllm import changing_weights
+
+    learner = lora_learner()
+    before = learner.weights(torch.float32)
+    one_step(learner)
+    after = learner.weights(torch.float32)
+    adapted = adapted_weights(learner.model)
+    assert adapted and adapted <= before.keys()
+    assert {k for k in before if not torch.equal(before[k], after[k])} <= adapted
+    blocks = changing_weights(adapted, before)
+    assert adapted <= blocks
+    assert not any("embed" in k or "norm" in k.rsplit(".", 2)[-2] for k in blocks)
+    partial = changing_weights({"model.layers.0.self_attn.q_proj.weight"}, before)
+    assert partial == {k for k in before if k.startswith("model.layers.0.self_attn.")}
+    assert {"model.layers.0.self_attn.k_proj.weight", "model.layers.0.self_attn.v_proj.weight"} <= partial
+
+
 def test_missing_peft_is_a_one_line_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` raises ImportError
     model, _ = load_policy("tiny")
