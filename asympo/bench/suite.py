@@ -177,12 +177,17 @@ def bench_backends(cfg: BenchConfig, out: Path, say) -> tuple[dict, list[Row]]:
 # the inflight part's workloads: the default tiny run (the learner is the slow side) and the same run decoded
 # 4 sequences at a time (generation is the slow side, as with long reasoning rollouts)
 INFLIGHT_WORKLOADS = {"tiny": [], "tiny, decode batch 4": ["rollout.max_batch=4"]}
-# SmolLM2 on the built-in task with the smollm2-arith preset's batch: 8 prompts x 4, up to 48 tokens. A step
-# costs about 30x the tiny model's, so it runs a quarter of the steps.
-SMOLLM2_INFLIGHT = [
+# SmolLM2 on the built-in task with the smollm2-arith preset's batch: 8 prompts x 4, up to 48 tokens; all 32
+# decoded at once (the learner is the slow side) and 4 at a time (generation is). A step costs about 30x the
+# tiny model's, so these run a quarter of the steps.
+SMOLLM2 = [
     "model=smollm2", "rollout.prompts_per_step=8", "rollout.group_size=4", "rollout.max_new_tokens=48",
     "optim.micro_batch_size=16", "optim.lr=2e-5", "optim.warmup_steps=2",
 ]  # fmt: skip
+SMOLLM2_INFLIGHT_WORKLOADS = {
+    "smollm2": SMOLLM2,
+    "smollm2, decode batch 4": [*SMOLLM2, "rollout.max_batch=4"],
+}
 
 
 def bench_inflight(cfg: BenchConfig, out: Path, say) -> tuple[dict, list[Row]]:
@@ -191,7 +196,8 @@ def bench_inflight(cfg: BenchConfig, out: Path, say) -> tuple[dict, list[Row]]:
     result, rows = {}, []
     workloads = {name: (extra, cfg.runtime_steps) for name, extra in INFLIGHT_WORKLOADS.items()}
     if resolve_model(cfg) == "smollm2":
-        workloads["smollm2"] = (SMOLLM2_INFLIGHT, max(2, cfg.runtime_steps // 4))
+        steps = max(2, cfg.runtime_steps // 4)
+        workloads |= {name: (extra, steps) for name, extra in SMOLLM2_INFLIGHT_WORKLOADS.items()}
     for workload, (extra, steps) in workloads.items():
         say(f"weight updates, {workload}: {steps} async steps, {cfg.runtime_repeats} repeats")
         folder = out / "inflight" / workload.replace(", ", "-").replace(" ", "")

@@ -73,8 +73,8 @@ class RolloutConfig(SamplingConfig):
     """Settings of `engine=vllm`."""
     weight_updates: Literal["between_jobs", "inflight"] = "between_jobs"
     """When an async rollout worker takes newly published weights: `between_jobs` (a response comes from one
-    version) or `inflight` (also between two decode steps, so a response may span versions; asympo's engine
-    in the local and Ray async runtimes)."""
+    version) or `inflight` (also between two decode steps, so a response may span versions; async runtime,
+    asympo's engine in local workers or Ray actors, or vLLM with `inflight_kv=keep`)."""
     inflight_kv: Literal["keep", "recompute"] = "keep"
     """`inflight`: `keep` the keys/values live sequences computed under older weights (PipelineRL), or
     `recompute` them by prefilling every live sequence again under the new weights (AReaL)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -44,6 +44,11 @@ class Sample:
     @property
     def finished_version(self) -> int:
         return self.version if self.version_end is None else max(self.version_end, self.version)
+
+
+# Called between decode steps when weights may change in flight: loads newer weights into the engine if any
+# were published (through `load_weights`) and says whether it did.
+Refresh = Callable[[], bool]
 
 
 @dataclass

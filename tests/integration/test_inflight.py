@@ -118,6 +118,8 @@ def test_between_jobs_responses_never_span(tmp_path):
     ("args", "message"),
     [
         (["rollout.weight_updates=inflight", "rollout.engine=openai"], "rollout.engine=openai is a remote"),
+        (["rollout.weight_updates=inflight", "rollout.engine=vllm", "rollout.inflight_kv=recompute"],
+         "inflight_kv=recompute is built for asympo's engine"),  # fmt: skip
         (["rollout.weight_updates=inflight", "runtime.mode=lag"], "needs runtime.mode=async"),
         (["rollout.weight_updates=inflight", "objective.name=grpo", "behaviour.source=learner"], "not built"),
         (["rollout.inflight_kv=recompte"], "inflight_kv"),

@@ -56,6 +56,10 @@ class FakeLLM:
     def reset_prefix_cache(self):
         self.calls.append(("reset_prefix_cache", None))
 
+    @property
+    def llm_engine(self):  # the version label vLLM puts on each token it draws
+        return types.SimpleNamespace(set_weight_version=lambda v: self.calls.append(("weight_version", v)))
+
 
 @pytest.fixture()
 def gpu_vllm(monkeypatch):
@@ -63,6 +67,8 @@ def gpu_vllm(monkeypatch):
     module = types.ModuleType("vllm")
     module.LLM = lambda **kwargs: FakeLLM(kwargs)
     module.SamplingParams = lambda **kw: types.SimpleNamespace(**kw)
+    kinds = types.SimpleNamespace(FINAL_ONLY="final_only")
+    module.sampling_params = types.SimpleNamespace(RequestOutputKind=kinds)
     platforms = types.ModuleType("vllm.platforms")
     platforms.current_platform = types.SimpleNamespace(is_cpu=lambda: False)
     monkeypatch.setitem(sys.modules, "vllm", module)
@@ -83,14 +89,15 @@ def test_a_gpu_build_keeps_its_memory_settings_and_takes_gpu_options(gpu_vllm, s
     assert kwargs["dtype"] == "bfloat16" and kwargs["logprobs_mode"] == "processed_logprobs"
     assert kwargs["skip_tokenizer_init"] and kwargs["model"] == str(engine.folder)
     groups = engine.generate(["1+2=", "3+4="], 2, SamplingConfig(temperature=0.7), torch.Generator())
-    _, requests, params = engine.llm.calls[0]
+    assert engine.llm.calls[0] == ("weight_version", "0")
+    _, requests, params = engine.llm.calls[1]
     assert [p.seed - params[0].seed for p in params] == [0, 2]  # each prompt's samples draw other seeds
     assert params[0].stop_token_ids == [tokenizer.eos_token_id] and params[0].logprobs == 0
     assert groups[1][0].behaviour_logprobs == [-0.5, -1.0, -0.1] and groups[1][0].finish_reason == "stop"
     published = {k: v * 2 for k, v in publishable_weights(small_model).items()}
     assert "lm_head.weight" not in published  # tied: the learner publishes the embedding alone
     engine.load_weights(published, 5)
-    assert [c[0] for c in engine.llm.calls[-2:]] == ["reload_weights", "reset_prefix_cache"]
+    assert [c[0] for c in engine.llm.calls[-3:]] == ["reload_weights", "weight_version", "reset_prefix_cache"]
     loaded = engine.llm.loaded
     assert torch.equal(loaded["lm_head.weight"], 2 * small_model.get_output_embeddings().weight.detach())
     assert engine.version == 5
