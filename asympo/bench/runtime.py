@@ -91,7 +91,7 @@ def compare_runtimes(
         for name, overrides in variants.items():
             result = train_run(overrides, steps, out / f"{name}-{r}", list(extra))
             runs[name].append(result)
-            say(f"  {name:8s} run {r}: {result['samples_per_s']:.0f} samples/s")
+            say(f"  {name:8s} run {r}: {result['samples_per_s']:.4g} samples/s")
     return {
         name: results[-1] | {"samples_per_s": statistics.median(r["samples_per_s"] for r in results)}
         for name, results in runs.items()

@@ -217,8 +217,8 @@ def bench_inflight(cfg: BenchConfig, out: Path, say) -> tuple[dict, list[Row]]:
             ("rollout tok/s", "rollout_tokens_per_s", 0, "-"),
         ]
         rows += [
-            row(f"{label}: inflight {name} vs between_jobs ({workload})", r[name][key], base[key], digits,
-                f"{r[name][key] / base[key]:.2f}x", target)
+            row(f"{label}: inflight {name} vs between_jobs ({workload})", r[name][key], base[key],
+                digits if base[key] >= 10 else 2, f"{r[name][key] / base[key]:.2f}x", target)
             for name in ("keep", "recompute")
             for label, key, digits, target in measures
         ]  # fmt: skip
