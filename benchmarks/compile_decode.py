@@ -64,30 +64,20 @@ def measure(model, dtype: torch.dtype, slots: int, filled: int, capacity: int, c
     tokens = torch.randint(0, config.vocab_size, (slots, 1), generator=generator)
     positions = torch.full((slots, 1), filled)
 
+    def forward(tokens, positions, mask, layers):
+        kwargs = {"attention_mask": mask, "position_ids": positions, "use_cache": True}
+        return model(input_ids=tokens, past_key_values=Cache(layers=layers), **kwargs).logits
+
     def eager():  # as the engine runs it: the cache is a view of the columns written so far
-        cache = Cache(layers=[BufferLayer(k, v, filled) for k, v in buffers])
         mask = torch.ones(slots, filled + 1, dtype=torch.bool)
-        return model(
-            input_ids=tokens,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-        ).logits
+        return forward(tokens, positions, mask, [BufferLayer(k, v, filled) for k, v in buffers])
 
     column = torch.tensor([filled])
     static_mask = torch.zeros(slots, 1, 1, capacity, dtype=torch.bool)
     static_mask[..., : filled + 1] = True
 
     def static(tokens, positions, mask, column):  # whole buffers, a 4-d mask: the same shapes every step
-        cache = Cache(layers=[ColumnLayer(k, v, column) for k, v in buffers])
-        return model(
-            input_ids=tokens,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-        ).logits
+        return forward(tokens, positions, mask, [ColumnLayer(k, v, column) for k, v in buffers])
 
     packed = PackedLinears(model, rows_hint=slots)
     with torch.inference_mode():
