@@ -70,7 +70,7 @@ def serve(engine, job: dict, out, start: float) -> None:
             engine.write(weights, engine.update_folder)
             written = time.perf_counter()
             engine.load_weights(weights, 1, written=True)
-            nbytes = sum(t.nbytes for n, t in weights.items() if engine.changing is None or n in linear)
+            nbytes = sum(weights[n].nbytes for n in engine.changing or weights)
             say({"write": written - start, "reload": time.perf_counter() - written, "bytes": nbytes})
             continue
         if line.strip() != "run":

@@ -261,6 +261,14 @@ class VLLMEngine:
             detokenize=False,
         )
 
+    def one_each(self, sampling: SamplingConfig, seed: int | None, budgets: list[int | None]) -> list:
+        """One sample per request, request i seeded `seed + i` (the seeds vLLM gives a group's samples),
+        with its token budget (None: `sampling.max_new_tokens`)."""
+        return [
+            self.params(1, sampling, None if seed is None else seed + i, budget)
+            for i, budget in enumerate(budgets)
+        ]
+
     def continue_ids(
         self,
         prompts: list[list[int]],
@@ -275,13 +283,10 @@ class VLLMEngine:
         its own from the folder, not ours), so it cannot stop at strings: each continuation is cut after the
         token that completes a stop string, the same test asympo's engine applies while it decodes."""
         seed = None if generator is None else int(torch.randint(0, 2**30, (1,), generator=generator))
-        budgets = budgets or [sampling.max_new_tokens] * len(prompts)
-        params = [
-            self.params(1, sampling, None if seed is None else seed + i, budget)
-            for i, budget in enumerate(budgets)
-        ]
         try:
-            outputs = self._run(prompts, params, refresh)
+            outputs = self._run(
+                prompts, self.one_each(sampling, seed, budgets or [None] * len(prompts)), refresh
+            )
         except ValueError as e:
             raise UserError(f"vLLM refused the rollout requests: {one_line(e)}") from e
         outs = []
@@ -370,10 +375,7 @@ class VLLMEngine:
                 completions = self.generate_ids(prompt_ids, n, sampling, seed)
             else:
                 flat = [ids for ids in prompt_ids for _ in range(n)]
-                params = [
-                    self.params(1, sampling, None if seed is None else seed + i) for i in range(len(flat))
-                ]
-                outputs = self._run(flat, params, refresh)
+                outputs = self._run(flat, self.one_each(sampling, seed, [None] * len(flat)), refresh)
                 completions = [outputs[g * n : (g + 1) * n] for g in range(len(prompts))]
         except ValueError as e:  # vLLM's request checks: a prompt plus max_tokens past the context, ...
             raise UserError(f"vLLM refused the rollout requests: {one_line(e)}") from e
