@@ -124,17 +124,19 @@ class Trainer:
         self.eval_engine = self.make_eval_engine()
 
     def make_eval_engine(self) -> HFEngine:
-        """In float32 the evaluation engine shares the learner's weights. In bf16 it needs bf16 weights: the
-        sync/lag runtime's engine when there is one (it reloads its own version afterwards), else a copy. A
-        sharded learner's model cannot generate alone: the whole copy evaluates, loading each version."""
+        """Decodes `eval_max_batch` at once (default: the rollout's). In float32 the evaluation engine
+        shares the learner's weights. In bf16 it needs bf16 weights: the sync/lag runtime's engine when there
+        is one and it decodes as many at once (it reloads its own version afterwards), else a copy. A sharded
+        learner's model cannot generate alone: the whole copy evaluates, loading each version."""
+        batch = self.cfg.eval_max_batch or self.cfg.rollout.max_batch
         if not self.placement.bf16:
             if self.sharded:
-                return HFEngine(self.plain, self.tokenizer, version=-1, max_batch=self.cfg.rollout.max_batch)
-            return HFEngine(self.model, self.tokenizer, max_batch=self.cfg.rollout.max_batch)
-        if self.runtime.in_process_engine is not None:
+                return HFEngine(self.plain, self.tokenizer, version=-1, max_batch=batch)
+            return HFEngine(self.model, self.tokenizer, max_batch=batch)
+        if self.runtime.in_process_engine is not None and batch == self.cfg.rollout.max_batch:
             return self.runtime.in_process_engine
         model = engine_copy(self.plain, self.placement)
-        return HFEngine(model, self.tokenizer, version=-1, max_batch=self.cfg.rollout.max_batch)
+        return HFEngine(model, self.tokenizer, version=-1, max_batch=batch)
 
     def restore(self) -> tuple[TrainState, list, bool]:
         fresh = TrainState(step=0, version=0, skipped_steps=0, cursor=0)

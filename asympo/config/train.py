@@ -189,6 +189,9 @@ class TrainConfig(Placed):
     """Held-out evaluation interval in steps; 0: only before and after training."""
     eval_samples: int = Field(8, ge=1)
     """Samples per held-out problem for sampled pass@1: more is less noisy and slower."""
+    eval_max_batch: int | None = Field(None, ge=1)
+    """Sequences the held-out evaluation decodes at once; unset: `rollout.max_batch`. Set it where a small
+    rollout batch is a choice about training (a generation-bound study) that evaluation need not pay for."""
     out: str = "runs/train"
     """Output folder: metrics, checkpoints, the final model."""
     tensorboard: bool = False

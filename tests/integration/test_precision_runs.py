@@ -66,3 +66,26 @@ def test_bf16_behaviour_recomputed_by_the_learner_gives_ratio_one_on_policy(tmp_
     steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     kls = [m["behaviour_kl"] for m in steps if "behaviour_kl" in m]
     assert len(kls) == 2 and all(abs(kl) < 1e-6 for kl in kls)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_evaluation_decodes_eval_max_batch_at_once_whatever_the_rollout_batch(tmp_path, precision):
+    """A generation-bound study decodes 2 at a time; its held-out evaluation need not."""
+    from asympo.trainer import Trainer
+
+    cfg = build_config(
+        TrainConfig,
+        overrides=[
+            f"precision={precision}", "device=cpu", "runtime.mode=lag", "steps=1", "eval_every=0",
+            "eval_samples=2", "task.test_size=8", "rollout.prompts_per_step=4", "rollout.group_size=2",
+            "rollout.max_batch=2", "eval_max_batch=16", f"out={tmp_path}", "progress=false",
+            "save_model=false", "checkpoint_every=0",
+        ],
+    )  # fmt: skip
+    trainer = Trainer(cfg, quiet=True)
+    assert trainer.runtime.engine.max_batch == 2 and trainer.eval_engine.max_batch == 16
+    assert trainer.eval_engine is not trainer.runtime.engine
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    assert next(trainer.eval_engine.model.parameters()).dtype == dtype
+    result = trainer.run()
+    assert 0 <= result["accuracy_before"] <= 1 and 0 <= result["accuracy_after"] <= 1
