@@ -91,7 +91,7 @@ class StudyConfig(Strict):
     weight_updates: list[WeightUpdates] = []
     """Empty: every cell runs the lag runtime at staleness k. Otherwise each arm runs in the async runtime
     (`runtime.max_staleness=k`) once per entry, named `name~entry`: `between_jobs`, `inflight-keep` or
-    `inflight-recompute` (`name:learner` arms run `between_jobs` only: segment-wise scoring is not built)."""
+    `inflight-recompute` (`name:learner` arms score each token under its own version's snapshot)."""
     collapse_drop: float = Field(0.5, gt=0, lt=1)
     """A run collapsed if its final accuracy is below collapse_drop x its initial accuracy."""
     workers: int = Field(2, ge=1)
@@ -109,12 +109,7 @@ class StudyConfig(Strict):
         (`grpo~inflight-keep`), and at each minibatches setting (`grpo@mb4`, `grpo~between_jobs@mb4`)."""
         entries = self.objectives
         if self.weight_updates:
-            entries = [
-                f"{o}~{w}"
-                for o in entries
-                for w in self.weight_updates
-                if w == "between_jobs" or ":learner" not in o
-            ]
+            entries = [f"{o}~{w}" for o in entries for w in self.weight_updates]
         return [e if m == 1 else f"{e}@mb{m}" for m in self.minibatches for e in entries]
 
     def lrs_for(self, arm: str, k: int) -> list[float]:

@@ -113,8 +113,9 @@ def check_verifiers(cfg: TrainConfig) -> None:
 
 
 def check_weight_updates(cfg: TrainConfig) -> None:
-    """`rollout.weight_updates=inflight` where it can work: asympo's engine or vLLM in an async runtime, with
-    behaviour log-probs (if any) from the engine, which draws each token under the weights it records."""
+    """`rollout.weight_updates=inflight` where it can work: asympo's engine or vLLM in an async runtime.
+    Behaviour log-probs come from the engine (each token's from the weights that drew it) or from the
+    learner, which scores each token under its own version's snapshot (asympo/recompute.py)."""
     if cfg.rollout.weight_updates != "inflight":
         return
     if cfg.rollout.engine == "openai":
@@ -131,12 +132,6 @@ def check_weight_updates(cfg: TrainConfig) -> None:
         raise UserError(
             f"rollout.weight_updates=inflight needs runtime.mode=async (it is '{cfg.runtime.mode}'): in sync "
             "and lag modes the engine is idle while the learner trains, so nothing arrives in flight"
-        )
-    needs = cfg.behaviour.compare or get_objective(cfg.objective.name).needs_behaviour
-    if cfg.behaviour.source == "learner" and needs:
-        raise UserError(
-            "rollout.weight_updates=inflight with behaviour.source=learner: scoring each token under its own "
-            "version's snapshot (responses that span versions) is not built; use behaviour.source=engine"
         )
 
 

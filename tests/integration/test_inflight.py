@@ -1,6 +1,7 @@
 """In-flight weight updates (`rollout.weight_updates=inflight`): a response generated across a publish holds
 tokens of both versions, recorded right; the async runtimes (local processes and Ray actors) pick up weights
-between decode steps; admission counts from the oldest token; bad settings are one-line errors."""
+between decode steps; the learner scores each segment under its own version; admission counts from the
+oldest token; bad settings are one-line errors."""
 
 from __future__ import annotations
 
@@ -102,6 +103,35 @@ def test_inflight_async_runs_have_responses_that_span_versions(tmp_path, backend
     assert latencies and all(0 <= x < 10 for x in latencies)
 
 
+def test_inflight_with_learner_behaviour_scores_each_segment_under_its_own_version(tmp_path):
+    """grpo with behaviour log-probs recomputed by the learner: a spanning response is scored once per
+    version it holds. With recompute, the engine's own log-probs (sent too, to compare) are each token's
+    version's, so the learner's segment-wise scores match them. lr 1e-2 moves tiny-random's weights far at
+    each step: scoring a whole response under its oldest version was ~5 nats off at most, segment-wise
+    0.037, which is the engine's mask on special tokens (tiny-random gives them ~3% of its mass)."""
+    steps = async_run(
+        tmp_path / "run",
+        6,
+        model="tiny-random",
+        objective={"name": "grpo"},
+        optim={"lr": 1e-2},
+        behaviour={"source": "learner", "compare": True},
+        runtime={"mode": "async", "max_staleness": 2},
+        rollout={
+            "prompts_per_step": 4,
+            "group_size": 4,
+            "max_new_tokens": 48,
+            "max_batch": 4,
+            "weight_updates": "inflight",
+            "inflight_kv": "recompute",
+        },
+    )
+    assert any(m["spanning_frac"] > 0 for m in steps), "no response spanned a publish"
+    assert any(m["recompute_passes"] > 1 for m in steps)  # some samples were scored under two versions
+    for m in steps:
+        assert m["behaviour_dropped"] == 0 and m["behaviour_lp_diff_max"] < 0.1
+
+
 def test_between_jobs_responses_never_span(tmp_path):
     steps = async_run(
         tmp_path / "run",
@@ -118,10 +148,11 @@ def test_between_jobs_responses_never_span(tmp_path):
     ("args", "message"),
     [
         (["rollout.weight_updates=inflight", "rollout.engine=openai"], "rollout.engine=openai is a remote"),
-        (["rollout.weight_updates=inflight", "rollout.engine=vllm", "rollout.inflight_kv=recompute"],
-         "inflight_kv=recompute is built for asympo's engine"),  # fmt: skip
+        (
+            ["rollout.weight_updates=inflight", "rollout.engine=vllm", "rollout.inflight_kv=recompute"],
+            "inflight_kv=recompute is built for asympo's engine",
+        ),  # fmt: skip
         (["rollout.weight_updates=inflight", "runtime.mode=lag"], "needs runtime.mode=async"),
-        (["rollout.weight_updates=inflight", "objective.name=grpo", "behaviour.source=learner"], "not built"),
         (["rollout.inflight_kv=recompte"], "inflight_kv"),
         (["rollout.weight_updates=midway"], "weight_updates"),
     ],

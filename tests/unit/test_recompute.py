@@ -73,3 +73,37 @@ def test_recompute_scores_each_sample_under_its_own_version_and_drops_evicted_on
             torch.testing.assert_close(
                 torch.tensor(s.behaviour_logprobs), expected[row][batch.response_mask[row]]
             )
+
+
+def test_a_response_that_spans_versions_takes_each_token_from_its_own_versions_snapshot(
+    small_model, tokenizer
+):
+    """In-flight updates: the first tokens came from version 1, the rest from version 2. Each token's
+    behaviour log-prob must be its own version's, which neither snapshot alone gives; a sample that needs an
+    evicted version is dropped whole, even if its other versions are still there."""
+    v1, v2 = copy.deepcopy(small_model), copy.deepcopy(small_model)
+    with torch.no_grad():
+        for p in v2.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    store = SnapshotStore(2)
+    for version, model in ((0, v1), (1, v1), (2, v2)):
+        store.put(version, weights_of(model))  # version 0 is evicted
+    samples = sample_groups(v1, tokenizer, 1)
+    spanning, whole, lost = samples[0], samples[1], samples[2]
+    n = len(spanning.response_ids)
+    assert n >= 2
+    spanning.token_versions = [1] * (n // 2) + [2] * (n - n // 2)
+    lost.token_versions = [0] + [1] * (len(lost.response_ids) - 1)
+    recompute = BehaviourRecompute(copy.deepcopy(small_model), store, tokenizer.pad_token_id)
+    kept, stats = recompute.apply(samples)
+    assert lost not in kept and len(kept) == len(samples) - 1 and stats["behaviour_dropped"] == 1
+    batch = make_batch([spanning, whole], tokenizer.pad_token_id, "mean")
+    under = {
+        v: token_logprobs(m.eval(), batch.input_ids, batch.attention_mask) for v, m in ((1, v1), (2, v2))
+    }
+    got = torch.tensor(spanning.behaviour_logprobs)
+    first, second = (under[v][0][batch.response_mask[0]] for v in (1, 2))
+    torch.testing.assert_close(got[: n // 2], first[: n // 2])
+    torch.testing.assert_close(got[n // 2 :], second[n // 2 :])
+    assert (second[: n // 2] - first[: n // 2]).abs().max() > 1e-3  # the versions differ on these tokens
+    torch.testing.assert_close(torch.tensor(whole.behaviour_logprobs), under[1][1][batch.response_mask[1]])

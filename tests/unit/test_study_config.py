@@ -56,10 +56,9 @@ def test_weight_updates_axis_runs_async_cells_named_by_arm(tmp_path):
         ["objectives=[asympo,grpo:learner]", "lags=[4]", "lrs=[0.0001]", "seeds=[0]",
          "weight_updates=[between_jobs,inflight-keep,inflight-recompute]"],
     )  # fmt: skip
-    # grpo:learner only between jobs: scoring each token under its own version's snapshot is not built
     assert cfg.arms == [
         "asympo~between_jobs", "asympo~inflight-keep", "asympo~inflight-recompute",
-        "grpo:learner~between_jobs",
+        "grpo:learner~between_jobs", "grpo:learner~inflight-keep", "grpo:learner~inflight-recompute",
     ]  # fmt: skip
     cells = {c.objective: c for c in cells_of(cfg)}
     keep = cell_config(cfg, cells["asympo~inflight-keep"], tmp_path / "a")
@@ -69,8 +68,8 @@ def test_weight_updates_axis_runs_async_cells_named_by_arm(tmp_path):
         cell_config(cfg, cells["asympo~inflight-recompute"], tmp_path / "b").rollout.inflight_kv
         == "recompute"
     )
-    learner = cell_config(cfg, cells["grpo:learner~between_jobs"], tmp_path / "c")
-    assert learner.rollout.weight_updates == "between_jobs" and learner.behaviour.source == "learner"
+    learner = cell_config(cfg, cells["grpo:learner~inflight-keep"], tmp_path / "c")
+    assert learner.rollout.weight_updates == "inflight" and learner.behaviour.source == "learner"
     assert cells["asympo~inflight-keep"].name == "asympo-inflight-keep-k4-lr0.0001-s0"
     plain = build_config(StudyConfig, None, ["objectives=[asympo]", "lags=[2]"])
     assert cell_config(plain, cells_of(plain)[0], tmp_path / "d").runtime.mode == "lag"  # no axis: lag
