@@ -61,7 +61,7 @@ STUDY_VARIANTS: dict[str, dict[str, dict[str, str]]] = {
 }
 
 
-WeightUpdates = Literal["between_jobs", "inflight-keep", "inflight-recompute"]
+WeightUpdates = Literal["between_jobs", "inflight-keep", "inflight-recompute", "lag", "lag-switch"]
 
 
 class StudyConfig(Strict):
@@ -91,7 +91,11 @@ class StudyConfig(Strict):
     weight_updates: list[WeightUpdates] = []
     """Empty: every cell runs the lag runtime at staleness k. Otherwise each arm runs in the async runtime
     (`runtime.max_staleness=k`) once per entry, named `name~entry`: `between_jobs`, `inflight-keep` or
-    `inflight-recompute` (`name:learner` arms score each token under its own version's snapshot)."""
+    `inflight-recompute` (`name:learner` arms score each token under its own version's snapshot). `lag` and
+    `lag-switch` run the lag runtime instead, the second loading the newest version at decode step
+    `lag_switch_at` of every batch: every response spans k versions, deterministically."""
+    lag_switch_at: int = Field(2, ge=1)
+    """The decode step at which `lag-switch` arms load the newest version (`runtime.lag_switch_at`)."""
     collapse_drop: float = Field(0.5, gt=0, lt=1)
     """A run collapsed if its final accuracy is below collapse_drop x its initial accuracy."""
     workers: int = Field(2, ge=1)

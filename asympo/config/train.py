@@ -57,6 +57,11 @@ class RuntimeConfig(Strict):
     (for staleness studies); `async`: rollout workers in their own processes overlap with the learner."""
     lag: int = Field(2, ge=0)
     """Lag mode: the staleness k, rollouts use the weights of exactly this many versions ago."""
+    lag_switch_at: int = Field(0, ge=0)
+    """Lag mode: before this decode step of every batch, load the newest version (the learner's own), so
+    every response still live then spans k versions, as in-flight updates make them, but deterministically
+    (`rollout.inflight_kv` says what happens to the cache). All responses are live when `rollout.max_batch`
+    holds the whole batch; one started after the switch is the newest version's alone. 0: never."""
     max_staleness: int = Field(2, ge=0)
     """Async: a group more than this many versions old is dropped (and counted)."""
     workers: int = Field(1, ge=1)

@@ -43,6 +43,7 @@ class LagRuntime:
         self.cursor = 0  # problems consumed so far: the data cursor
         self.counts = {}
         self.stop_requested: Callable[[], bool] = lambda: False  # generation here is one call: never waits
+        self.switch_at = 0  # > 0: load the newest version before this decode step (runtime.lag_switch_at)
 
     def publish(self, version: int, weights: dict[str, torch.Tensor]) -> None:
         if self.history and self.history[-1][0] == version:
@@ -63,7 +64,13 @@ class LagRuntime:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step + (attempt << 40))
         start = time.perf_counter()
         groups = generate_groups(
-            self.engine, problems, self.rollout.group_size, self.rollout, generator, episodes=self.episodes
+            self.engine,
+            problems,
+            self.rollout.group_size,
+            self.rollout,
+            generator,
+            self._switch() if self.switch_at and version != self.history[-1][0] else None,
+            self.episodes,
         )
         elapsed = time.perf_counter() - start
         reward_groups(problems, groups, self.score)
@@ -74,6 +81,21 @@ class LagRuntime:
                 samples.append(s)
         tokens = sum(s.model_tokens for s in samples)
         return samples, {"rollout_time": elapsed, "rollout_tokens_per_s": tokens / max(elapsed, 1e-9)}
+
+    def _switch(self) -> Callable[[], bool]:
+        """A refresh that loads the newest version before decode step `switch_at` (counted over the whole
+        batch, the prefill being step 0): the live responses then span from their version to the newest."""
+        steps = [0]
+
+        def refresh() -> bool:
+            steps[0] += 1
+            if steps[0] != self.switch_at:
+                return False
+            version, weights = self.history[-1]
+            self.engine.load_weights(weights, version)
+            return True
+
+        return refresh
 
     @property
     def in_process_engine(self) -> HFEngine | None:

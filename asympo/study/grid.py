@@ -48,7 +48,9 @@ def cell_config(cfg: StudyConfig, cell: Cell, folder: Path) -> TrainConfig:
         for section, values in STUDY_VARIANTS[variant].items():
             data[section] |= values
     data["runtime"] = {"mode": "lag", "lag": cell.lag}
-    if updates:  # the async runtime, its staleness bounded by k; weights between jobs or in flight
+    if updates in ("lag", "lag-switch"):  # lag k, the newest version loaded mid-batch or not
+        data["runtime"] |= {"lag_switch_at": cfg.lag_switch_at if updates == "lag-switch" else 0}
+    elif updates:  # the async runtime, its staleness bounded by k; weights between jobs or in flight
         data["runtime"] = {"mode": "async", "max_staleness": cell.lag}
         when, _, kv = updates.partition("-")
         data["rollout"] |= {"weight_updates": when} | ({"inflight_kv": kv} if kv else {})

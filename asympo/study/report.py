@@ -245,7 +245,7 @@ def markdown_report(cfg: StudyConfig, table: list[dict], tuned: list[dict], out:
         parts += ["No validation set (base.task.validation_size=0): no lr is chosen."]
     parts += ["## Every cell (mean over seeds)", full_table(table), note]
     if cfg.weight_updates:
-        parts += ["## Equal steps and equal wall time (async cells)", wall_time_table(cfg, out)]
+        parts += ["## Equal steps and equal wall time (weight-update arms)", wall_time_table(cfg, out)]
     return "\n\n".join(parts) + "\n"
 
 

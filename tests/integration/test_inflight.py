@@ -5,6 +5,7 @@ oldest token; bad settings are one-line errors."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -144,6 +145,40 @@ def test_between_jobs_responses_never_span(tmp_path):
         assert m["staleness_mean"] == pytest.approx(m["staleness_inflight_mean"] + m["staleness_queue_mean"])
 
 
+def lag_switch_run(out, steps: int = 5) -> list[dict]:
+    from asympo.config import TrainConfig
+    from asympo.trainer import train
+
+    data = {
+        "runtime": {"mode": "lag", "lag": 2, "lag_switch_at": 2},
+        "rollout": {"prompts_per_step": 8, "group_size": 4},
+        "task": {"test_size": 8},
+        "steps": steps,
+        "eval_every": 0,
+        "eval_samples": 1,
+        "progress": False,
+        "save_model": False,
+        "out": str(out),
+    }
+    train(TrainConfig.model_validate(data), quiet=True)
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [m for m in lines if "reward" in m]
+
+
+def test_lag_switch_makes_every_live_response_span_k_versions_deterministically(tmp_path):
+    """runtime.lag_switch_at: a lag-2 batch starts on version t-2 and loads version t before decode step 2,
+    so every response longer than two tokens holds both; the same seed gives the same run."""
+    steps = lag_switch_run(tmp_path / "a")
+    for m in steps[2:]:  # from step 2, the batch's version is 2 behind the newest
+        assert m["spanning_frac"] > 0.5 and m["version_span_max"] == 2 and m["staleness_queue_max"] == 0
+        assert m["staleness_mean"] == pytest.approx(m["staleness_inflight_mean"] + m["staleness_queue_mean"])
+    assert all(m["spanning_frac"] == 0 for m in steps[:1])  # version 0 is also the newest: nothing to load
+    again = lag_switch_run(tmp_path / "b")
+    timing = ("time", "elapsed", "per_s", "busy")
+    strip = [{k: v for k, v in m.items() if not any(t in k for t in timing)} for m in steps]
+    assert strip == [{k: v for k, v in m.items() if not any(t in k for t in timing)} for m in again]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -154,6 +189,8 @@ def test_between_jobs_responses_never_span(tmp_path):
         ),  # fmt: skip
         (["rollout.weight_updates=inflight", "runtime.mode=lag"], "needs runtime.mode=async"),
         (["rollout.inflight_kv=recompte"], "inflight_kv"),
+        (["runtime.lag_switch_at=2"], "runtime.lag_switch_at needs runtime.mode=lag"),
+        (["runtime.mode=lag", "runtime.lag=0", "runtime.lag_switch_at=2"], "with runtime.lag > 0"),
         (["rollout.weight_updates=midway"], "weight_updates"),
     ],
 )

@@ -71,5 +71,12 @@ def test_weight_updates_axis_runs_async_cells_named_by_arm(tmp_path):
     learner = cell_config(cfg, cells["grpo:learner~inflight-keep"], tmp_path / "c")
     assert learner.rollout.weight_updates == "inflight" and learner.behaviour.source == "learner"
     assert cells["asympo~inflight-keep"].name == "asympo-inflight-keep-k4-lr0.0001-s0"
+    switch = build_config(
+        StudyConfig, None, ["objectives=[asympo]", "lags=[4]", "seeds=[0]", "weight_updates=[lag,lag-switch]"]
+    )
+    by_arm = {c.objective: c for c in cells_of(switch)}
+    lag, mid = (cell_config(switch, by_arm[f"asympo~{w}"], tmp_path / w) for w in ("lag", "lag-switch"))
+    assert (lag.runtime.mode, lag.runtime.lag, lag.runtime.lag_switch_at) == ("lag", 4, 0)
+    assert (mid.runtime.mode, mid.runtime.lag, mid.runtime.lag_switch_at) == ("lag", 4, 2)
     plain = build_config(StudyConfig, None, ["objectives=[asympo]", "lags=[2]"])
     assert cell_config(plain, cells_of(plain)[0], tmp_path / "d").runtime.mode == "lag"  # no axis: lag
