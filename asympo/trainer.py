@@ -34,7 +34,7 @@ from asympo.recompute import BehaviourRecompute
 from asympo.rewards.guard import RewardGuard
 from asympo.rewards.shaping import filter_truncated
 from asympo.rollout.hf import HFEngine
-from asympo.runtime import build_runtime
+from asympo.runtime import build_runtime, weight_switch_notes
 from asympo.runtime.dynamic import step_batch
 from asympo.sft import ensure_tiny
 from asympo.snapshots import SnapshotStore
@@ -198,6 +198,8 @@ class Trainer:
     def run(self) -> dict:
         cfg = self.cfg
         self.say(f"device: {self.placement.describe()}")  # once set-up has passed: bad input stays one line
+        for note in weight_switch_notes(cfg):
+            self.say(note)
         finished = False
         try:
             try:

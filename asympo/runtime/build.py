@@ -131,6 +131,22 @@ def check_lag_switch(cfg: TrainConfig) -> None:
         )
 
 
+def weight_switch_notes(cfg: TrainConfig) -> list[str]:
+    """Settings that run but cost learning, said once at the start: learner-scored behaviour log-probs of
+    tokens drawn after a weight switch over keys and values the older weights computed (`keep`)."""
+    switches = cfg.rollout.weight_updates == "inflight" or (
+        cfg.runtime.mode == "lag" and cfg.runtime.lag_switch_at
+    )
+    needs = get_objective(cfg.objective.name).needs_behaviour
+    if not (switches and needs and cfg.behaviour.source == "learner" and cfg.rollout.inflight_kv == "keep"):
+        return []
+    return [
+        "note: with rollout.inflight_kv=keep, a token drawn after a weight switch reads keys and values of "
+        "older weights, which no snapshot the learner scores with reproduces (grpo:learner lost 10 points on "
+        "the tiny task, docs/results.md); rollout.inflight_kv=recompute or behaviour.source=engine avoids it"
+    ]
+
+
 def check_weight_updates(cfg: TrainConfig) -> None:
     """`rollout.weight_updates=inflight` where it can work: asympo's engine or vLLM in an async runtime.
     Behaviour log-probs come from the engine (each token's from the weights that drew it) or from the

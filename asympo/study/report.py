@@ -93,7 +93,7 @@ def wall_time_table(cfg: StudyConfig, out: Path) -> str:
                 f"| {_mean([s['staleness_inflight_mean'] for s in summaries]):.3f} "
                 f"| {_mean([s['staleness_queue_mean'] for s in summaries]):.3f} "
                 f"| {_mean([s['spanning_frac'] for s in summaries]):.1%} "
-                f"| {_mean([s['publish_latency_p50'] for s in summaries]):.3f} | {len(summaries)} |"
+                f"| {_number(_mean([s['publish_latency_p50'] for s in summaries]))} | {len(summaries)} |"
             )
         rows.append(f"|  | {k} | equal wall time: {budget:.0f} s |  |  |  |  |  |  |  |  |")
     head = [

@@ -75,3 +75,21 @@ def test_admission_counts_from_a_groups_oldest_token():
     buffer.add([sample(2), sample(2, [2, 3])])
     assert buffer.evict_stale(learner_version=4) == 1  # 4 - 1 > 2: the first group goes, the second stays
     assert len(buffer) == 1 and buffer.dropped == 1
+
+
+def test_learner_scored_log_probs_over_kept_caches_get_a_note_at_the_start():
+    """Only where a token can be drawn after a switch over older keys and values and the learner, not the
+    engine, scores it for an objective that uses behaviour log-probs."""
+    from asympo.config import TrainConfig, build_config
+    from asympo.runtime import weight_switch_notes
+
+    def notes(*overrides: str) -> list[str]:
+        return weight_switch_notes(build_config(TrainConfig, overrides=list(overrides)))
+
+    learner = ["objective.name=grpo", "behaviour.source=learner"]
+    assert "inflight_kv=keep" in notes(*learner, "rollout.weight_updates=inflight")[0]
+    assert notes(*learner, "runtime.mode=lag", "runtime.lag=2", "runtime.lag_switch_at=2")
+    assert not notes(*learner, "rollout.weight_updates=inflight", "rollout.inflight_kv=recompute")
+    assert not notes(*learner)  # weights taken between jobs: nothing is drawn across a switch
+    assert not notes("objective.name=grpo", "rollout.weight_updates=inflight")  # the engine's log-probs
+    assert not notes("objective.name=asympo", "behaviour.source=learner", "rollout.weight_updates=inflight")
