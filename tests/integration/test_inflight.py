@@ -5,7 +5,6 @@ oldest token; bad settings are one-line errors."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
@@ -18,6 +17,14 @@ from asympo.models.load import load_policy
 from asympo.models.tiny import build_model, build_tokenizer
 from asympo.rollout.hf import HFEngine
 
+# tiny-random never stops early, and 4 decoded at a time keep a job running long enough for publishes
+SPANNING = {
+    "prompts_per_step": 4,
+    "group_size": 4,
+    "max_new_tokens": 48,
+    "max_batch": 4,
+    "weight_updates": "inflight",
+}
 SWITCH = 2  # the refresh before the 2nd decode step loads version 2: two tokens come from version 1
 
 
@@ -86,13 +93,7 @@ def test_inflight_async_runs_have_responses_that_span_versions(tmp_path, backend
         8,
         model="tiny-random",
         runtime={"mode": "async", "max_staleness": 2, "backend": backend},
-        rollout={
-            "prompts_per_step": 4,
-            "group_size": 4,
-            "max_new_tokens": 48,
-            "max_batch": 4,
-            "weight_updates": "inflight",
-        },
+        rollout=SPANNING,
     )
     assert [m["step"] for m in steps] == list(range(8))
     assert any(m["spanning_frac"] > 0 for m in steps), "no response spanned a publish"
@@ -118,14 +119,7 @@ def test_inflight_with_learner_behaviour_scores_each_segment_under_its_own_versi
         optim={"lr": 1e-2},
         behaviour={"source": "learner", "compare": True},
         runtime={"mode": "async", "max_staleness": 2},
-        rollout={
-            "prompts_per_step": 4,
-            "group_size": 4,
-            "max_new_tokens": 48,
-            "max_batch": 4,
-            "weight_updates": "inflight",
-            "inflight_kv": "recompute",
-        },
+        rollout=SPANNING | {"inflight_kv": "recompute"},
     )
     assert any(m["spanning_frac"] > 0 for m in steps), "no response spanned a publish"
     assert any(m["recompute_passes"] > 1 for m in steps)  # some samples were scored under two versions
@@ -138,31 +132,16 @@ def test_between_jobs_responses_never_span(tmp_path):
         tmp_path / "run",
         4,
         model="tiny-random",
-        rollout={"prompts_per_step": 4, "group_size": 4, "max_new_tokens": 48, "max_batch": 4},
+        rollout=SPANNING | {"weight_updates": "between_jobs"},
     )
     assert all(m["spanning_frac"] == 0 and m["version_span_max"] == 0 for m in steps)
     for m in steps:  # published while generating is still counted, as inflight staleness
         assert m["staleness_mean"] == pytest.approx(m["staleness_inflight_mean"] + m["staleness_queue_mean"])
 
 
-def lag_switch_run(out, steps: int = 5) -> list[dict]:
-    from asympo.config import TrainConfig
-    from asympo.trainer import train
-
-    data = {
-        "runtime": {"mode": "lag", "lag": 2, "lag_switch_at": 2},
-        "rollout": {"prompts_per_step": 8, "group_size": 4},
-        "task": {"test_size": 8},
-        "steps": steps,
-        "eval_every": 0,
-        "eval_samples": 1,
-        "progress": False,
-        "save_model": False,
-        "out": str(out),
-    }
-    train(TrainConfig.model_validate(data), quiet=True)
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return [m for m in lines if "reward" in m]
+def lag_switch_run(out) -> list[dict]:
+    lag = {"mode": "lag", "lag": 2, "lag_switch_at": 2}
+    return async_run(out, 5, runtime=lag, rollout={"prompts_per_step": 8, "group_size": 4})  # lag, not async
 
 
 def test_lag_switch_makes_every_live_response_span_k_versions_deterministically(tmp_path):
