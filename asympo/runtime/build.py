@@ -75,8 +75,8 @@ def build_runtime(
         )
         lag = runtime_lag(cfg.runtime.mode, cfg.runtime.lag)
         episodes = make_episodes(cfg.env, tokenizer)
-        runtime = LagRuntime(engine, problems, score, cfg.rollout, lag, cfg.seed, episodes)
-        runtime.switch_at = cfg.runtime.lag_switch_at
+        switch_at = cfg.runtime.lag_switch_at
+        runtime = LagRuntime(engine, problems, score, cfg.rollout, lag, cfg.seed, episodes, switch_at)
     runtime.cursor = cursor
     return runtime
 

@@ -36,6 +36,7 @@ class LagRuntime:
         lag: int,
         seed: int,
         episodes: EpisodeRunner | None = None,
+        switch_at: int = 0,
     ):
         self.engine, self.problems, self.score, self.episodes = engine, problems, score, episodes
         self.rollout, self.lag, self.seed = rollout, lag, seed
@@ -43,7 +44,7 @@ class LagRuntime:
         self.cursor = 0  # problems consumed so far: the data cursor
         self.counts = {}
         self.stop_requested: Callable[[], bool] = lambda: False  # generation here is one call: never waits
-        self.switch_at = 0  # > 0: load the newest version before this decode step (runtime.lag_switch_at)
+        self.switch_at = switch_at  # > 0: load the newest version before this decode step (lag_switch_at)
 
     def publish(self, version: int, weights: dict[str, torch.Tensor]) -> None:
         if self.history and self.history[-1][0] == version:
