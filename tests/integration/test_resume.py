@@ -55,10 +55,14 @@ def cli(*args, **kw) -> subprocess.Popen:
     )
 
 
-def test_lag_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
-    train(config(tmp_path / "straight", steps=6), quiet=True)
-    train(config(tmp_path / "split", steps=3, checkpoint_every=3), quiet=True)
-    result = train(config(tmp_path / "split", steps=6, checkpoint_every=3, resume=True), quiet=True)
+@pytest.mark.parametrize("switch_at", [0, 2])  # 2: each batch also loads the newest version mid-generation
+def test_lag_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, switch_at):
+    runtime = {"mode": "lag", "lag": 2, "lag_switch_at": switch_at}
+    train(config(tmp_path / "straight", steps=6, runtime=runtime), quiet=True)
+    train(config(tmp_path / "split", steps=3, checkpoint_every=3, runtime=runtime), quiet=True)
+    result = train(
+        config(tmp_path / "split", steps=6, checkpoint_every=3, resume=True, runtime=runtime), quiet=True
+    )
     assert result["version"] == 6
     straight = {m["step"]: m for m in metrics(tmp_path / "straight")}
     split = metrics(tmp_path / "split")
