@@ -29,10 +29,13 @@ def score(model, weights, sample, banned: list[int]) -> torch.Tensor:
 
 
 def test_a_response_across_an_inflight_load_records_each_tokens_version(tiny):
-    """The tiny model's weights (version 1) give way to random ones (version 2) after vLLM's 2nd step."""
-    model, tokenizer = copy.deepcopy(tiny[0]), tiny[1]
+    """Random weights (version 1) give way to the trained tiny model's (version 2) after vLLM's 2nd step.
+    vLLM's engine core decodes in a process of its own, ahead of the steps read here, so version 1 must
+    write long responses: random weights rarely draw EOS (the trained model answers in 3-5 tokens, which
+    the core could finish before the load)."""
+    model, tokenizer = build_model(TinyModelConfig(), build_tokenizer(), seed=1), build_tokenizer()
     first = publishable_weights(model)
-    second = publishable_weights(build_model(TinyModelConfig(), build_tokenizer(), seed=1))
+    second = publishable_weights(copy.deepcopy(tiny[0]))
     engine = VLLMEngine(model, tokenizer, version=1, seed=0)
     try:
         calls = [0]
@@ -44,7 +47,7 @@ def test_a_response_across_an_inflight_load_records_each_tokens_version(tiny):
                 return True
             return False
 
-        sampling = SamplingConfig(temperature=1.0, max_new_tokens=16)
+        sampling = SamplingConfig(temperature=1.0, max_new_tokens=48)
         groups = engine.generate(["12+7=", "40+9="], 3, sampling, torch.Generator().manual_seed(0), refresh)
         samples = [s for g in groups for s in g]
         spanning = [s for s in samples if s.token_versions]
